@@ -1,0 +1,1 @@
+"""Detector models of hf_kd."""

@@ -1,0 +1,104 @@
+"""GFL (Generalized Focal Loss v1) detector configuration."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)  # fmt: skip
+
+
+@strict
+class GFLConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`GFLForObjectDetection`]: a timm backbone, an FPN with two extra levels (strides 8 to 128) and
+    the GFL head (quality focal loss, distribution focal loss, GIoU loss, ATSS assignment), as in MMDetection's
+    `gfl_r50_fpn_1x_coco.py`.
+
+    Args:
+        backbone (`str`, defaults to `"resnet50"`):
+            timm model name; any model that `timm.create_model(..., features_only=True)` supports and that has
+            features at strides 8, 16 and 32.
+        backbone_kwargs (`dict`, *optional*):
+            Extra keyword arguments for `timm.create_model` (e.g. `{"stem_width": 16}`).
+        backbone_out_indices (`list[int]`, *optional*):
+            timm feature indices for the stride 8/16/32 features; found from `feature_info` when not given.
+        freeze_backbone_norm (`bool`, defaults to `True`):
+            Keep the backbone's BatchNorm layers in eval mode (frozen statistics), MMDetection's `norm_eval=True`.
+        backbone_frozen_stages (`int`, defaults to 1):
+            Freeze the stem and the first `n` stages (stage 1 has stride 4); `0` freezes the stem only, `-1` nothing.
+        fpn_channels (`int`, defaults to 256): width of the FPN outputs.
+        head_channels (`int`, defaults to 256): width of the head towers.
+        stacked_convs (`int`, defaults to 4): convs in each head tower.
+        norm_groups (`int`, defaults to 32): GroupNorm groups in the head towers.
+        reg_max (`int`, defaults to 16): the box distribution has `reg_max + 1` bins per side.
+        prior_scale (`float`, defaults to 8.0): side of a prior box, in units of its level's stride.
+        strides (`list[int]`, defaults to `[8, 16, 32, 64, 128]`): strides of the five FPN levels.
+        size_divisor (`int`, defaults to 32): images are padded to a multiple of it; priors outside an image's own
+            padded size are not assigned (MMDetection's valid flags).
+        atss_topk (`int`, defaults to 9): candidates per level and ground-truth box in ATSS.
+        qfl_beta (`float`, defaults to 2.0): focusing parameter of the quality focal loss.
+        loss_cls_weight, loss_bbox_weight, loss_dfl_weight (`float`, defaults to 1.0, 2.0, 0.25): loss weights.
+        score_threshold (`float`, defaults to 0.05): minimum score of a (prior, class) pair kept at inference.
+        pre_nms_topk (`int`, defaults to 1000): pairs kept per level before NMS.
+        nms_iou_threshold (`float`, defaults to 0.6): class-aware NMS IoU threshold.
+        max_detections (`int`, defaults to 100): detections kept per image.
+        initializer_range (`float`, defaults to 0.01): std of the normal init of the head convs.
+        prior_prob (`float`, defaults to 0.01): initial foreground probability of the classification logits.
+    """
+
+    model_type = "gfl"
+
+    backbone: str = "resnet50"
+    backbone_kwargs: dict | None = None
+    backbone_out_indices: list[int] | tuple[int, ...] | None = None
+    freeze_backbone_norm: bool = True
+    backbone_frozen_stages: int = 1
+    fpn_channels: int = 256
+    head_channels: int = 256
+    stacked_convs: int = 4
+    norm_groups: int = 32
+    reg_max: int = 16
+    prior_scale: float = 8.0
+    strides: list[int] | tuple[int, ...] = (8, 16, 32, 64, 128)
+    size_divisor: int = 32
+    atss_topk: int = 9
+    qfl_beta: float = 2.0
+    loss_cls_weight: float = 1.0
+    loss_bbox_weight: float = 2.0
+    loss_dfl_weight: float = 0.25
+    score_threshold: float = 0.05
+    pre_nms_topk: int = 1000
+    nms_iou_threshold: float = 0.6
+    max_detections: int = 100
+    initializer_range: float = 0.01
+    prior_prob: float = 0.01
+
+    def __post_init__(self, **kwargs):
+        if self.id2label is None and kwargs.get("num_labels") is None:
+            self.id2label = dict(enumerate(COCO_CLASSES))
+            self.label2id = {name: index for index, name in self.id2label.items()}
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Checks that the sizes fit together (GroupNorm groups, strides, bins)."""
+        super().validate_architecture()
+        if self.head_channels % self.norm_groups:
+            raise ValueError(
+                f"head_channels ({self.head_channels}) must be divisible by norm_groups ({self.norm_groups})."
+            )
+        if list(self.strides[:3]) != [8, 16, 32] or len(self.strides) != 5:
+            raise ValueError(f"strides must be [8, 16, 32, 64, 128] (C3-C5 plus two extra levels), got {self.strides}.")
+        if self.reg_max < 1 or self.stacked_convs < 1:
+            raise ValueError(f"reg_max ({self.reg_max}) and stacked_convs ({self.stacked_convs}) must be >= 1.")
+
+
+__all__ = ["GFLConfig"]

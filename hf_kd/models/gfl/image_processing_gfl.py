@@ -1,0 +1,179 @@
+"""Image processor for GFL detectors: MMDetection's keep-ratio resize, ImageNet normalization, padding to 32."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torchvision.transforms.v2 import functional as tvF
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_base import BatchFeature
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
+from transformers.processing_utils import ImagesKwargs, Unpack
+
+logger = logging.getLogger(__name__)
+
+
+class GFLImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    size_divisor (`int`, *optional*, defaults to 32):
+        Images are padded (bottom and right, with zeros after normalization) to the batch's largest height and width
+        rounded up to a multiple of this.
+    """
+
+    size_divisor: int
+
+
+def get_resize_output_size(height: int, width: int, shortest_edge: int, longest_edge: int) -> tuple[int, int]:
+    """(height, width) after MMDetection's keep-ratio resize to fit `longest_edge` x `shortest_edge`."""
+    scale = min(longest_edge / max(height, width), shortest_edge / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def coco_annotations_to_targets(
+    annotations: list[dict], image_id: int, original_size: tuple[int, int], size: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """COCO-format annotations (xywh pixels of the original image, `category_id` = class index) to a label dict with
+    absolute xyxy `boxes` in the resized frame; crowd regions are left out and boxes clipped to the image."""
+    scale_y, scale_x = size[0] / original_size[0], size[1] / original_size[1]
+    kept = [annotation for annotation in annotations if not annotation.get("iscrowd", 0)]
+    boxes = torch.tensor([annotation["bbox"] for annotation in kept], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    boxes *= torch.tensor([scale_x, scale_y, scale_x, scale_y])
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, size[1])
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, size[0])
+    classes = torch.tensor([annotation["category_id"] for annotation in kept], dtype=torch.int64)
+    non_empty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if not non_empty.all():
+        logger.warning(
+            "image %s: dropped %d of %d boxes that are empty after clipping to the image",
+            image_id, int((~non_empty).sum()), len(boxes),
+        )
+    return {
+        "boxes": boxes[non_empty],
+        "class_labels": classes[non_empty],
+        "image_id": torch.tensor(image_id, dtype=torch.int64),
+        "orig_size": torch.tensor(original_size, dtype=torch.int64),
+        "size": torch.tensor(size, dtype=torch.int64),
+    }
+
+
+class GFLImageProcessor(TorchvisionBackend):
+    r"""
+    Prepares images (and optionally COCO-format annotations) for [`GFLForObjectDetection`] and turns its detections into
+    boxes on the original images.
+
+    Images are resized keeping their aspect ratio to fit `size["longest_edge"]` x `size["shortest_edge"]` (bilinear,
+    no antialiasing, as MMDetection), scaled to [0, 1], normalized with the ImageNet mean and std, and zero-padded
+    bottom/right to a multiple of `size_divisor`; `pixel_mask` marks the real pixels.
+    """
+
+    valid_kwargs = GFLImageProcessorKwargs
+    resample = PILImageResampling.BILINEAR
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    size = {"shortest_edge": 800, "longest_edge": 1333}
+    size_divisor = 32
+    default_to_square = False
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    do_pad = True
+    do_convert_rgb = True
+    model_input_names = ["pixel_values", "pixel_mask"]
+
+    def __init__(self, **kwargs: Unpack[GFLImageProcessorKwargs]) -> None:
+        super().__init__(**kwargs)
+
+    def resize(self, image: torch.Tensor, size: SizeDict, **kwargs) -> torch.Tensor:
+        """Keep-ratio resize of `(..., C, H, W)` images to fit `size.longest_edge` x `size.shortest_edge`."""
+        new_size = get_resize_output_size(*image.shape[-2:], size.shortest_edge, size.longest_edge)
+        return tvF.resize(image, list(new_size), interpolation=tvF.InterpolationMode.BILINEAR, antialias=False)
+
+    def preprocess(self, images, annotations: list[dict] | dict | None = None, **kwargs) -> BatchFeature:
+        r"""
+        annotations (`list[dict]`, *optional*):
+            Per image `{"image_id": int, "annotations": [{"bbox": [x, y, w, h], "category_id": class index,
+            "iscrowd": 0 or 1}, ...]}` in pixels of the original image. Adds `labels` to the output (see
+            [`GFLForObjectDetection.forward`]).
+        """
+        return super().preprocess(images, annotations, **kwargs)
+
+    def _preprocess(
+        self,
+        images: list[torch.Tensor],
+        annotations: list[dict] | dict | None,
+        do_resize: bool,
+        size: SizeDict,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: float | list[float],
+        image_std: float | list[float],
+        do_pad: bool,
+        size_divisor: int,
+        return_tensors: str | None,
+        **kwargs,
+    ) -> BatchFeature:
+        if isinstance(annotations, dict):
+            annotations = [annotations]
+        if annotations is not None and len(annotations) != len(images):
+            raise ValueError(f"Got {len(images)} images but {len(annotations)} annotations.")
+        processed, labels = [], []
+        for index, image in enumerate(images):
+            if image.shape[0] != 3:
+                raise ValueError(f"image {index}: expected 3 (RGB) channels, got shape {tuple(image.shape)}.")
+            original_size = tuple(image.shape[-2:])
+            if do_resize:
+                image = self.resize(image, size)
+            image = self.rescale_and_normalize(image, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+            processed.append(image)
+            if annotations is not None:
+                annotation = annotations[index]
+                labels.append(
+                    coco_annotations_to_targets(
+                        annotation.get("annotations", []),
+                        annotation.get("image_id", index),
+                        original_size,
+                        tuple(image.shape[-2:]),
+                    )
+                )
+        data = {}
+        if do_pad:
+            height = max(image.shape[-2] for image in processed)
+            width = max(image.shape[-1] for image in processed)
+            height, width = (-(-height // size_divisor) * size_divisor, -(-width // size_divisor) * size_divisor)
+            processed, masks = self.pad(processed, pad_size=SizeDict(height=height, width=width), return_mask=True)
+            data["pixel_mask"] = torch.stack(masks)
+        data["pixel_values"] = torch.stack(processed)
+        encoded = BatchFeature(data, tensor_type=return_tensors)
+        if annotations is not None:
+            encoded["labels"] = labels
+        return encoded
+
+    def post_process_object_detection(
+        self, outputs, threshold: float = 0.5, target_sizes: torch.Tensor | list[tuple[int, int]] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detections with score above `threshold`, per image: `scores`, `labels` and `boxes` (absolute x1, y1, x2, y2),
+        in the frame of `target_sizes` ((height, width) of the original images) or else of the model input."""
+        if outputs.detections is None:
+            raise ValueError(
+                "The model outputs have no detections: run the model in eval mode (or with output_detections=True)."
+            )
+        if target_sizes is not None and len(target_sizes) != len(outputs.detections):
+            raise ValueError(f"Got {len(target_sizes)} target sizes for {len(outputs.detections)} images.")
+        results = []
+        for index, detections in enumerate(outputs.detections):
+            keep = detections["scores"] > threshold
+            boxes = detections["boxes"][keep]
+            if target_sizes is not None:
+                target_height, target_width = (float(value) for value in target_sizes[index])
+                height, width = outputs.image_sizes[index].tolist()
+                boxes = boxes * boxes.new_tensor(
+                    [target_width / width, target_height / height, target_width / width, target_height / height]
+                )
+            results.append({"scores": detections["scores"][keep], "labels": detections["labels"][keep], "boxes": boxes})
+        return results
+
+
+__all__ = ["GFLImageProcessor", "get_resize_output_size"]
