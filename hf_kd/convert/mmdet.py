@@ -1,6 +1,6 @@
 """Convert an MMDetection GFL checkpoint into a `save_pretrained` folder (model + image processor).
 
-    python -m hf_kd.convert.mmdet gfl_r50_fpn_1x_coco.pth out_dir --backbone resnet50
+python -m hf_kd.convert.mmdet gfl_r50_fpn_1x_coco.pth out_dir --backbone resnet50
 """
 
 from __future__ import annotations

@@ -96,7 +96,9 @@ class GFLConfig(PreTrainedConfig):
                 f"head_channels ({self.head_channels}) must be divisible by norm_groups ({self.norm_groups})."
             )
         if list(self.strides[:3]) != [8, 16, 32] or len(self.strides) != 5:
-            raise ValueError(f"strides must be [8, 16, 32, 64, 128] (C3-C5 plus two extra levels), got {self.strides}.")
+            raise ValueError(
+                f"strides must be [8, 16, 32, 64, 128] (C3-C5 plus two extra levels), got {self.strides}."
+            )
         if self.reg_max < 1 or self.stacked_convs < 1:
             raise ValueError(f"reg_max ({self.reg_max}) and stacked_convs ({self.stacked_convs}) must be >= 1.")
 

@@ -47,7 +47,9 @@ def coco_annotations_to_targets(
     if not non_empty.all():
         logger.warning(
             "image %s: dropped %d of %d boxes that are empty after clipping to the image",
-            image_id, int((~non_empty).sum()), len(boxes),
+            image_id,
+            int((~non_empty).sum()),
+            len(boxes),
         )
     return {
         "boxes": boxes[non_empty],
@@ -172,7 +174,9 @@ class GFLImageProcessor(TorchvisionBackend):
                 boxes = boxes * boxes.new_tensor(
                     [target_width / width, target_height / height, target_width / width, target_height / height]
                 )
-            results.append({"scores": detections["scores"][keep], "labels": detections["labels"][keep], "boxes": boxes})
+            results.append(
+                {"scores": detections["scores"][keep], "labels": detections["labels"][keep], "boxes": boxes}
+            )
         return results
 
 

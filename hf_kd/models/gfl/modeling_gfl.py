@@ -40,13 +40,15 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, generalized: bool = Fals
     """IoU (or GIoU) of broadcastable box tensors; union and enclosing area are clamped to `eps`."""
     area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
     area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    wh = (torch.minimum(boxes1[..., 2:], boxes2[..., 2:]) - torch.maximum(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    wh = (torch.minimum(boxes1[..., 2:], boxes2[..., 2:]) - torch.maximum(boxes1[..., :2], boxes2[..., :2])).clamp(
+        min=0
+    )
     overlap = wh[..., 0] * wh[..., 1]
     union = (area1 + area2 - overlap).clamp(min=eps)
     iou = overlap / union
     if not generalized:
         return iou
-    enclose_wh = (torch.maximum(boxes1[..., 2:], boxes2[..., 2:]) - torch.minimum(boxes1[..., :2], boxes2[..., :2]))
+    enclose_wh = torch.maximum(boxes1[..., 2:], boxes2[..., 2:]) - torch.minimum(boxes1[..., :2], boxes2[..., :2])
     enclose_area = (enclose_wh[..., 0] * enclose_wh[..., 1]).clamp(min=eps)
     return iou - (enclose_area - union) / enclose_area
 
@@ -185,9 +187,12 @@ def atss_assign(
     threshold = mean + variance.sqrt()
 
     candidate_centers = priors.centers[candidates]  # (B, K, G, 2)
-    inside = torch.cat(
-        [candidate_centers - gt_boxes[:, None, :, :2], gt_boxes[:, None, :, 2:] - candidate_centers], dim=-1
-    ).amin(-1) > 0.01
+    inside = (
+        torch.cat(
+            [candidate_centers - gt_boxes[:, None, :, :2], gt_boxes[:, None, :, 2:] - candidate_centers], dim=-1
+        ).amin(-1)
+        > 0.01
+    )
     positive = is_candidate & inside & (candidate_overlaps >= threshold[:, None]) & gt_mask[:, None, :]
 
     positive_overlaps = torch.full_like(overlaps, -INF)
@@ -252,7 +257,7 @@ def gfl_loss(
         weight_sum = reduce_mean(weight.sum()).clamp(min=1)
     else:
         weight_sum = reduce_mean(weight.sum()) + quality_norm_eps
-    giou = box_iou(pred_boxes, target_boxes, generalized=True, eps=1e-7)
+    giou = box_iou(pred_boxes, target_boxes, generalized=True)
     loss_bbox = weight * (1 - giou) / weight_sum
     dfl = distribution_focal_loss(box_logits, box_to_distance(centers, target_boxes, reg_max)).mean(-1)
     loss_dfl = weight * dfl / weight_sum
@@ -335,7 +340,9 @@ class GFLFPN(nn.Module):
         super().__init__()
         self.lateral_convs = nn.ModuleList(nn.Conv2d(channels, out_channels, 1) for channels in in_channels)
         self.fpn_convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
-        self.fpn_convs.extend(nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1) for _ in range(num_extra_levels))
+        self.fpn_convs.extend(
+            nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1) for _ in range(num_extra_levels)
+        )
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         laterals = [conv(feature) for conv, feature in zip(self.lateral_convs, features)]
@@ -349,16 +356,15 @@ class GFLFPN(nn.Module):
 
 
 class GFLConvNormAct(nn.Module):
-    """3x3 conv (no bias), GroupNorm, ReLU; `forward(x, activate=False)` stops before the ReLU."""
+    """3x3 conv (no bias), GroupNorm, ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, num_groups: int):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.norm = nn.GroupNorm(num_groups, out_channels)
 
-    def forward(self, hidden_states: torch.Tensor, activate: bool = True) -> torch.Tensor:
-        hidden_states = self.norm(self.conv(hidden_states))
-        return F.relu(hidden_states) if activate else hidden_states
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.norm(self.conv(hidden_states)))
 
 
 class GFLScale(nn.Module):
@@ -375,9 +381,8 @@ class GFLScale(nn.Module):
 class GFLHead(nn.Module):
     """The GFL head, shared over levels: a classification and a regression tower, then the two predictors.
 
-    `tower_states(x, k)` runs both towers up to the pre-activation output of their `k`-th conv and
-    `predict_from_tower_states(cls, reg, level, k)` continues from there; CrossKD feeds the student's states to the
-    teacher's remaining layers this way.
+    `tower_states(x, k)` runs both towers through their first `k` convs and `predict_from_tower_states(cls, reg,
+    level, k)` continues from there; CrossKD feeds the student's states to the teacher's remaining layers this way.
     """
 
     def __init__(self, config: GFLConfig):
@@ -390,25 +395,20 @@ class GFLHead(nn.Module):
         self.gfl_reg = nn.Conv2d(channels, 4 * (config.reg_max + 1), 3, padding=1)
         self.scales = nn.ModuleList(GFLScale() for _ in config.strides)
 
-    @staticmethod
-    def _tower_state(convs: nn.ModuleList, hidden_states: torch.Tensor, index: int) -> torch.Tensor:
-        for conv in convs[: index - 1]:
-            hidden_states = conv(hidden_states)
-        return convs[index - 1](hidden_states, activate=False)
-
     def tower_states(self, feature: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-activation outputs of the `index`-th conv (1-based) of the classification and regression towers."""
-        return self._tower_state(self.cls_convs, feature, index), self._tower_state(self.reg_convs, feature, index)
+        """Outputs of the first `index` convs (each conv, GroupNorm, ReLU) of the classification and regression towers."""
+        cls_hidden = reg_hidden = feature
+        for cls_conv, reg_conv in zip(self.cls_convs[:index], self.reg_convs[:index]):
+            cls_hidden, reg_hidden = cls_conv(cls_hidden), reg_conv(reg_hidden)
+        return cls_hidden, reg_hidden
 
     def predict_from_tower_states(
-        self, cls_state: torch.Tensor, reg_state: torch.Tensor, level: int, index: int
+        self, cls_hidden: torch.Tensor, reg_hidden: torch.Tensor, level: int, index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Classification logits `(B, C, H, W)` and box-distribution logits `(B, 4 * (reg_max + 1), H, W)`."""
-        cls_hidden, reg_hidden = F.relu(cls_state), F.relu(reg_state)
-        for conv in self.cls_convs[index:]:
-            cls_hidden = conv(cls_hidden)
-        for conv in self.reg_convs[index:]:
-            reg_hidden = conv(reg_hidden)
+        """Classification logits `(B, C, H, W)` and box-distribution logits `(B, 4 * (reg_max + 1), H, W)` from the
+        tower states after `index` convs."""
+        for cls_conv, reg_conv in zip(self.cls_convs[index:], self.reg_convs[index:]):
+            cls_hidden, reg_hidden = cls_conv(cls_hidden), reg_conv(reg_hidden)
         return self.gfl_cls(cls_hidden), self.scales[level](self.gfl_reg(reg_hidden)).float()
 
 
@@ -440,8 +440,8 @@ class GFLObjectDetectionOutput(ModelOutput):
         priors ([`GFLPriors`]): prior centres, strides and boxes.
         spatial_shapes (`tuple[tuple[int, int]]`): (height, width) of each level's feature map.
         feature_maps (`tuple[torch.FloatTensor]`): FPN outputs, one per level.
-        cls_tower_states, reg_tower_states (`tuple[torch.FloatTensor]`, *optional*): per level, the pre-activation
-            output of the head towers' `tower_state_index`-th conv, when requested.
+        cls_tower_states, reg_tower_states (`tuple[torch.FloatTensor]`, *optional*): per level, the output of the
+            head towers' first `tower_state_index` convs, when requested.
         detections (`list[dict]`, *optional*): per image `boxes`, `scores`, `labels` after NMS, in the input frame.
     """
 
@@ -586,6 +586,40 @@ class GFLForObjectDetection(GFLPreTrainedModel):
             return torch.tensor([[height, width]], device=pixel_values.device).expand(len(pixel_values), 2)
         return torch.stack([pixel_mask[:, :, 0].sum(1), pixel_mask[:, 0, :].sum(1)], dim=1).long()
 
+    def head_outputs(
+        self,
+        feature_maps: list[torch.Tensor],
+        image_sizes: torch.Tensor,
+        tower_state_index: int | None = None,
+    ) -> GFLObjectDetectionOutput:
+        """Runs the head on FPN outputs: per-prior logits, box distributions, decoded boxes, priors and valid mask."""
+        index = tower_state_index or self.config.stacked_convs
+        cls_maps, box_maps, cls_states, reg_states = [], [], [], []
+        for level, feature in enumerate(feature_maps):
+            cls_state, reg_state = self.head.tower_states(feature, index)
+            cls_map, box_map = self.head.predict_from_tower_states(cls_state, reg_state, level, index)
+            cls_maps.append(cls_map)
+            box_maps.append(box_map)
+            cls_states.append(cls_state)
+            reg_states.append(reg_state)
+
+        spatial_shapes = tuple(tuple(feature.shape[-2:]) for feature in feature_maps)
+        priors = make_priors(spatial_shapes, self.config.strides, self.config.prior_scale, feature_maps[0].device)
+        box_logits = flatten_levels(box_maps).unflatten(-1, (4, self.config.reg_max + 1))
+        distances = distribution_to_distance(box_logits.float()) * priors.strides[:, None]
+        return GFLObjectDetectionOutput(
+            logits=flatten_levels(cls_maps),
+            box_logits=box_logits,
+            pred_boxes=distance_to_box(priors.centers, distances),
+            image_sizes=image_sizes,
+            valid_mask=valid_prior_mask(image_sizes, spatial_shapes, self.config.strides, self.config.size_divisor),
+            priors=priors,
+            spatial_shapes=spatial_shapes,
+            feature_maps=tuple(feature_maps),
+            cls_tower_states=tuple(cls_states) if tower_state_index else None,
+            reg_tower_states=tuple(reg_states) if tower_state_index else None,
+        )
+
     def forward(
         self,
         pixel_values: torch.FloatTensor,
@@ -601,7 +635,7 @@ class GFLForObjectDetection(GFLPreTrainedModel):
         pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*): 1 on real pixels, 0 on padding.
         labels (`list[dict]`, *optional*): per image `boxes` `(n, 4)` absolute (x1, y1, x2, y2) pixels of
             `pixel_values` and `class_labels` `(n,)`; crowd boxes left out.
-        tower_state_index (`int`, *optional*): also return the head towers' pre-activation states after this conv.
+        tower_state_index (`int`, *optional*): also return the head towers' states after this many convs.
         output_detections (`bool`, *optional*): run post-processing; defaults to True in eval mode without labels.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -615,34 +649,7 @@ class GFLForObjectDetection(GFLPreTrainedModel):
         if labels is not None:
             validate_labels(labels, image_sizes, self.config.num_labels)
 
-        feature_maps = self.neck(self.backbone(pixel_values))
-        index = tower_state_index or self.config.stacked_convs
-        cls_maps, box_maps, cls_states, reg_states = [], [], [], []
-        for level, feature in enumerate(feature_maps):
-            cls_state, reg_state = self.head.tower_states(feature, index)
-            cls_map, box_map = self.head.predict_from_tower_states(cls_state, reg_state, level, index)
-            cls_maps.append(cls_map)
-            box_maps.append(box_map)
-            cls_states.append(cls_state)
-            reg_states.append(reg_state)
-
-        spatial_shapes = tuple(tuple(feature.shape[-2:]) for feature in feature_maps)
-        priors = make_priors(spatial_shapes, self.config.strides, self.config.prior_scale, pixel_values.device)
-        logits = flatten_levels(cls_maps)
-        box_logits = flatten_levels(box_maps).unflatten(-1, (4, self.config.reg_max + 1))
-        distances = distribution_to_distance(box_logits.float()) * priors.strides[:, None]
-        outputs = GFLObjectDetectionOutput(
-            logits=logits,
-            box_logits=box_logits,
-            pred_boxes=distance_to_box(priors.centers, distances),
-            image_sizes=image_sizes,
-            valid_mask=valid_prior_mask(image_sizes, spatial_shapes, self.config.strides, self.config.size_divisor),
-            priors=priors,
-            spatial_shapes=spatial_shapes,
-            feature_maps=tuple(feature_maps),
-            cls_tower_states=tuple(cls_states) if tower_state_index else None,
-            reg_tower_states=tuple(reg_states) if tower_state_index else None,
-        )
+        outputs = self.head_outputs(self.neck(self.backbone(pixel_values)), image_sizes, tower_state_index)
         if labels is not None:
             targets = assign_targets(outputs, labels, self.config.atss_topk)
             loss_dict = {
@@ -692,8 +699,10 @@ def validate_labels(labels: list[dict], image_sizes: torch.Tensor, num_classes: 
                     (~boxes.isfinite().all(-1)).any(),
                     ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any(),
                     (
-                        (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0)
-                        | (boxes[:, 0] >= width.to(boxes)) | (boxes[:, 1] >= height.to(boxes))
+                        (boxes[:, 2] <= 0)
+                        | (boxes[:, 3] <= 0)
+                        | (boxes[:, 0] >= width.to(boxes))
+                        | (boxes[:, 1] >= height.to(boxes))
                     ).any(),
                     ((classes < 0) | (classes >= num_classes)).any(),
                 ]
@@ -715,8 +724,10 @@ def validate_labels(labels: list[dict], image_sizes: torch.Tensor, num_classes: 
         f"boxes lie entirely outside the {height}x{width} image (boxes must be absolute pixels of pixel_values)",
         f"class_labels must be in [0, {num_classes - 1}]",
     ][problem]
-    raise ValueError(f"labels of image {image_id} (batch index {image}): {message}; got boxes "
-                     f"{target['boxes'].tolist()} and class_labels {target['class_labels'].tolist()}.")
+    raise ValueError(
+        f"labels of image {image_id} (batch index {image}): {message}; got boxes "
+        f"{target['boxes'].tolist()} and class_labels {target['class_labels'].tolist()}."
+    )
 
 
 __all__ = [
