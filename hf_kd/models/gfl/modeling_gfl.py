@@ -55,8 +55,8 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, generalized: bool = Fals
 
 def distribution_to_distance(box_logits: torch.Tensor) -> torch.Tensor:
     """Expected distance (in bins) of each side from its `(..., reg_max + 1)` distribution logits."""
-    bins = torch.arange(box_logits.shape[-1], dtype=box_logits.dtype, device=box_logits.device)
-    return box_logits.softmax(dim=-1) @ bins
+    bins = torch.arange(box_logits.shape[-1], dtype=torch.float32, device=box_logits.device)
+    return (box_logits.float().softmax(dim=-1) * bins).sum(-1)  # elementwise: stays float32 under autocast
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -499,6 +499,8 @@ class GFLPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     accepts_loss_kwargs = False
     _no_split_modules = ["GFLHead"]
+    # 1x1 adapters a narrower student learns during distillation (DistillationTrainer); not part of the detector.
+    _keys_to_ignore_on_load_unexpected = [r"^distillation_adapters\."]
 
     def _init_weights(self, module: nn.Module) -> None:
         # Only the FPN and the head are initialised here: the timm backbone keeps its own initialisation.
@@ -620,6 +622,29 @@ class GFLForObjectDetection(GFLPreTrainedModel):
             reg_tower_states=tuple(reg_states) if tower_state_index else None,
         )
 
+    def loss_terms(
+        self,
+        outputs: GFLObjectDetectionOutput,
+        labels: list[dict],
+        quality_weight_offset: float = 0.0,
+        quality_norm_eps: float | None = None,
+    ) -> tuple[dict[str, torch.Tensor], GFLTargets]:
+        """Checks `labels`, assigns ATSS targets and returns the per-prior GFL losses (see [`gfl_loss`]) and targets."""
+        validate_labels(labels, outputs.image_sizes, self.config.num_labels)
+        targets = assign_targets(outputs, labels, self.config.atss_topk)
+        with torch.autocast(outputs.logits.device.type, enabled=False):
+            terms = gfl_loss(
+                outputs,
+                targets,
+                beta=self.config.qfl_beta,
+                cls_weight=self.config.loss_cls_weight,
+                bbox_weight=self.config.loss_bbox_weight,
+                dfl_weight=self.config.loss_dfl_weight,
+                quality_weight_offset=quality_weight_offset,
+                quality_norm_eps=quality_norm_eps,
+            )
+        return terms, targets
+
     def forward(
         self,
         pixel_values: torch.FloatTensor,
@@ -646,25 +671,11 @@ class GFLForObjectDetection(GFLPreTrainedModel):
                 f"{tuple(pixel_values.shape)}."
             )
         image_sizes = self.image_sizes_from_mask(pixel_values, pixel_mask)
-        if labels is not None:
-            validate_labels(labels, image_sizes, self.config.num_labels)
-
         outputs = self.head_outputs(self.neck(self.backbone(pixel_values)), image_sizes, tower_state_index)
         if labels is not None:
-            targets = assign_targets(outputs, labels, self.config.atss_topk)
-            loss_dict = {
-                name: value.sum()
-                for name, value in gfl_loss(
-                    outputs,
-                    targets,
-                    beta=self.config.qfl_beta,
-                    cls_weight=self.config.loss_cls_weight,
-                    bbox_weight=self.config.loss_bbox_weight,
-                    dfl_weight=self.config.loss_dfl_weight,
-                ).items()
-            }
-            outputs.loss_dict = loss_dict
-            outputs.loss = sum(loss_dict.values())
+            loss_terms, _ = self.loss_terms(outputs, labels)
+            outputs.loss_dict = {name: value.sum() for name, value in loss_terms.items()}
+            outputs.loss = sum(outputs.loss_dict.values())
         if output_detections if output_detections is not None else (not self.training and labels is None):
             outputs.detections = detect(
                 outputs,

@@ -1,0 +1,75 @@
+"""Training arguments of [`DistillationTrainer`]: `TrainingArguments` plus the distillation settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .losses import KD_METHODS, DistillationConfig
+
+
+@dataclass
+class DistillationArguments(TrainingArguments):
+    """`TrainingArguments` for detector distillation.
+
+    The defaults differ from `TrainingArguments` where detection needs it: `remove_unused_columns=False` (the collator
+    needs every column), `eval_do_concat_batches=False` and `eval_use_gather_object=True` (detections and image ids
+    are gathered per batch), and `accelerator_config={"dispatch_batches": False}` (every process reads its own shard
+    of a streaming dataset; dispatching garbles list-of-dict labels).
+    """
+
+    kd_method: str = field(
+        default="crosskd",
+        metadata={"help": f"Distillation preset: one of {', '.join(KD_METHODS)} ('none' trains without a teacher)."},
+    )
+    kd_mimic: str | None = field(
+        default=None, metadata={"help": "Override: 'cross_head' (CrossKD) or 'student' (BCKD) predictions mimic."}
+    )
+    kd_cross_head_index: int | None = field(
+        default=None, metadata={"help": "Override: tower convs of the student before the cross-head (CrossKD: 3)."}
+    )
+    kd_cls_weight: float | None = field(default=None, metadata={"help": "Override: classification KD weight."})
+    kd_cls_beta: float | None = field(default=None, metadata={"help": "Override: classification KD focusing beta."})
+    kd_loc: str | None = field(default=None, metadata={"help": "Override: localization KD 'kl', 'iou' or 'none'."})
+    kd_loc_weight: float | None = field(default=None, metadata={"help": "Override: localization KD weight."})
+    kd_loc_temperature: float | None = field(default=None, metadata={"help": "Override: temperature of 'kl'."})
+    kd_feature_weight: float | None = field(default=None, metadata={"help": "Override: PKD feature KD weight."})
+    kd_positive_levels_only: bool | None = field(
+        default=None, metadata={"help": "Override: KD only on FPN levels with positives (BCKD's original code)."}
+    )
+    paper_recipe: bool = field(
+        default=False,
+        metadata={
+            "help": "The papers' schedule: SGD lr 0.01 per 16 images (scaled linearly with the total batch), momentum "
+            "0.9, weight decay 1e-4, 500-step linear warm-up from 0.001x, lr x0.1 at 8/12 and 11/12 of max_steps."
+        },
+    )
+    eval_max_detections: int = field(
+        default=100, metadata={"help": "Detections per image kept for COCO evaluation (COCO's maxDets is 100)."}
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all columns for the collator."})
+    eval_do_concat_batches: bool = field(default=False, metadata={"help": "Keep evaluation batches separate."})
+    eval_use_gather_object: bool = field(default=True, metadata={"help": "Gather detections as Python objects."})
+    accelerator_config: dict | str | None = field(
+        default_factory=lambda: {"dispatch_batches": False},
+        metadata={"help": "Accelerator settings; dispatch_batches=False lets each process read its own shard."},
+    )
+
+    def distillation_config(self) -> DistillationConfig | None:
+        """The [`DistillationConfig`] of `kd_method` with the `kd_*` overrides, or None for `kd_method="none"`."""
+        return DistillationConfig.from_method(
+            self.kd_method,
+            mimic=self.kd_mimic,
+            cross_head_index=self.kd_cross_head_index,
+            cls_kd_weight=self.kd_cls_weight,
+            cls_kd_beta=self.kd_cls_beta,
+            loc_kd=self.kd_loc,
+            loc_kd_weight=self.kd_loc_weight,
+            loc_kd_temperature=self.kd_loc_temperature,
+            feature_kd_weight=self.kd_feature_weight,
+            positive_levels_only=self.kd_positive_levels_only,
+        )
+
+
+__all__ = ["DistillationArguments"]

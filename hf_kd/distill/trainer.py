@@ -1,0 +1,167 @@
+"""`DistillationTrainer`: a `transformers.Trainer` that trains a GFL student with CrossKD, BCKD or PKD against a frozen
+teacher (or plain GFL training with `kd_method="none"`), and evaluates with COCO mAP."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from ..models.gfl.modeling_gfl import GFLForObjectDetection
+from .arguments import DistillationArguments
+from .losses import GFLDistillationLoss
+
+logger = logging.getLogger(__name__)
+
+PAPER_WARMUP_STEPS = 500
+PAPER_WARMUP_RATIO = 0.001
+
+
+def pack_detections(
+    detections: list[dict[str, torch.Tensor]], labels: list[dict], image_sizes: torch.Tensor, max_detections: int
+) -> torch.Tensor:
+    """Per-image detections as one `(B, max_detections, 6)` tensor of `x1, y1, x2, y2, score, label` in original-image
+    pixels (scaled by `orig_size / size` of each label dict); empty rows have score -1."""
+    packed = torch.full((len(detections), max_detections, 6), -1.0, device=image_sizes.device)
+    for index, (image_detections, target) in enumerate(zip(detections, labels)):
+        count = min(len(image_detections["scores"]), max_detections)
+        scale = target["orig_size"].to(image_sizes) / image_sizes[index]
+        boxes = image_detections["boxes"][:count] * scale.flip(0).repeat(2).float()
+        packed[index, :count, :4] = boxes
+        packed[index, :count, 4] = image_detections["scores"][:count]
+        packed[index, :count, 5] = image_detections["labels"][:count].float()
+    return packed
+
+
+class DistillationTrainer(Trainer):
+    """Trains `model` (a [`GFLForObjectDetection`] student) with the distillation losses of `args.kd_method` against
+    `teacher`, which stays frozen, in eval mode, on the student's device and outside `accelerator.prepare`, and runs
+    under no-grad and the same autocast as the student.
+
+    Each loss component is logged (mean over the logging window and over processes). Evaluation post-processes on
+    the device and gathers compact per-image detections (see [`pack_detections`]) with the image ids; pass a
+    `compute_metrics` such as [`hf_kd.metrics.coco_compute_metrics`] to get the COCO numbers.
+    """
+
+    # The losses are per-batch means (normalized by the number of positives), not sums over items.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: GFLForObjectDetection,
+        args: DistillationArguments,
+        teacher: GFLForObjectDetection | None = None,
+        **kwargs,
+    ):
+        self.distillation_config = args.distillation_config()
+        self.distillation_loss = None
+        if self.distillation_config is not None:
+            if teacher is None:
+                raise ValueError(f"kd_method={args.kd_method!r} needs a teacher; use kd_method='none' to train alone.")
+            self.distillation_loss = GFLDistillationLoss(self.distillation_config, model.config, teacher.config)
+            if any(True for _ in self.distillation_loss.parameters()):
+                # Learned adapters train with the student (same optimizer, DDP and checkpoints).
+                model.distillation_adapters = self.distillation_loss
+        elif teacher is not None:
+            logger.warning("kd_method='none': the teacher is not used.")
+            teacher = None
+        super().__init__(model=model, args=args, **kwargs)
+        self.teacher = None
+        if teacher is not None:
+            self.teacher = teacher.eval().requires_grad_(False).to(self.accelerator.device)
+        self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        self._loss_counts = defaultdict(int)
+
+    def _accumulate_losses(self, split: str, losses: dict[str, torch.Tensor]) -> None:
+        sums = self._loss_sums[split]
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0) + value.detach().float()
+        self._loss_counts[split] += 1
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        student = self.accelerator.unwrap_model(model)
+        config = self.distillation_config
+        if config is None:
+            outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs.get("pixel_mask"), labels=labels)
+            losses = outputs.loss_dict
+        else:
+            tower_state_index = config.cross_head_index if config.mimic == "cross_head" else None
+            model_inputs = {
+                "pixel_values": inputs["pixel_values"],
+                "pixel_mask": inputs.get("pixel_mask"),
+                "tower_state_index": tower_state_index,
+                "output_detections": False,
+            }
+            outputs = model(**model_inputs)
+            with torch.no_grad(), self.accelerator.autocast():
+                teacher_outputs = self.teacher(**model_inputs)
+            terms, targets = student.loss_terms(outputs, labels, config.quality_weight_offset, config.quality_norm_eps)
+            with torch.autocast(outputs.logits.device.type, enabled=False):
+                terms.update(self.distillation_loss(outputs, teacher_outputs, targets, self.teacher.head))
+            losses = {name: value.sum() for name, value in terms.items()}
+        loss = sum(losses.values())
+        self._accumulate_losses("train" if model.training else "eval", losses)
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(
+                pixel_values=inputs["pixel_values"],
+                pixel_mask=inputs.get("pixel_mask"),
+                labels=labels,
+                output_detections=not prediction_loss_only,
+            )
+        loss = None
+        if labels is not None:
+            loss = outputs.loss.detach()
+            self._accumulate_losses("eval", outputs.loss_dict)
+        if prediction_loss_only:
+            return loss, None, None
+        if labels is None:
+            raise ValueError("Evaluation batches need `labels` (with `image_id`, `orig_size`) for COCO metrics.")
+        detections = pack_detections(outputs.detections, labels, outputs.image_sizes, self.args.eval_max_detections)
+        image_ids = torch.stack([target["image_id"] for target in labels]).to(detections.device)
+        return loss, detections, image_ids
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for split, prefix, marker in (("train", "", "loss"), ("eval", "eval_", "eval_loss")):
+            if marker in logs and self._loss_counts[split]:
+                for name, total in sorted(self._loss_sums[split].items()):
+                    mean = self.accelerator.reduce(total / self._loss_counts[split], reduction="mean")
+                    logs[f"{prefix}{name}"] = round(mean.item(), 6)
+                self._loss_sums[split] = {}
+                self._loss_counts[split] = 0
+        super().log(logs, start_time)
+
+    def create_optimizer(self, model=None):
+        if not self.args.paper_recipe or self.optimizer is not None:
+            return super().create_optimizer(model)
+        total_batch = (
+            self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        )
+        learning_rate = 0.01 * total_batch / 16
+        parameters = [p for p in (model or self.model).parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, weight_decay=1e-4)
+        logger.info("Paper recipe: SGD lr %.5f for a total batch of %d.", learning_rate, total_batch)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if not self.args.paper_recipe or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        warmup = self.args.warmup_steps or PAPER_WARMUP_STEPS
+        milestones = (num_training_steps * 8 // 12, num_training_steps * 11 // 12)
+
+        def factor(step: int) -> float:
+            warm = PAPER_WARMUP_RATIO + (1 - PAPER_WARMUP_RATIO) * step / warmup if step < warmup else 1.0
+            return warm * 0.1 ** sum(step >= milestone for milestone in milestones)
+
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+        return self.lr_scheduler
+
+
+__all__ = ["DistillationTrainer", "pack_detections"]
