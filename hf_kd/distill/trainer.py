@@ -3,12 +3,18 @@ teacher (or plain GFL training with `kd_method="none"`), and evaluates with COCO
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections import defaultdict
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import numpy as np
 import torch
-from transformers import Trainer
+from transformers import EvalPrediction, Trainer, TrainerCallback
 
+from ..metrics import COCO_STAT_NAMES, CocoDetectionMAP
 from ..models.gfl.modeling_gfl import GFLForObjectDetection
 from .arguments import DistillationArguments
 from .losses import GFLDistillationLoss
@@ -35,6 +41,44 @@ def pack_detections(
     return packed
 
 
+def coco_compute_metrics(
+    ground_truth: str | os.PathLike | Mapping[str, Any], id2label: Mapping[int, str] | None = None
+) -> Callable[[EvalPrediction], dict[str, float]]:
+    """A `compute_metrics` for [`DistillationTrainer`]: the 12 COCO numbers (and per-class AP) of the gathered
+    detections against `ground_truth` (a COCO json path or dict, read once here)."""
+    metric = CocoDetectionMAP(ground_truth=ground_truth, id2label=id2label, keep_in_memory=True)
+
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        detections = []
+        for batch_detections, batch_image_ids in zip(prediction.predictions, prediction.label_ids):
+            for packed, image_id in zip(np.asarray(batch_detections), np.asarray(batch_image_ids)):
+                packed = packed[packed[:, 4] >= 0]
+                detections.append(
+                    {
+                        "image_id": int(image_id),
+                        "boxes": packed[:, :4].tolist(),
+                        "scores": packed[:, 4].tolist(),
+                        "labels": packed[:, 5].astype(int).tolist(),
+                    }
+                )
+        results = metric.compute(predictions=detections)
+        metrics = {name: results[name] for name in COCO_STAT_NAMES}
+        metrics.update({f"map_class_{name}": value for name, value in results["map_per_class"].items()})
+        return metrics
+
+    return compute_metrics
+
+
+class _SetCollatorEpoch(TrainerCallback):
+    """Gives the training collator the epoch, so that augmentations differ between epochs (and stay seeded)."""
+
+    def __init__(self, collator: Any):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.set_epoch(int(state.epoch or 0))
+
+
 class DistillationTrainer(Trainer):
     """Trains `model` (a [`GFLForObjectDetection`] student) with the distillation losses of `args.kd_method` against
     `teacher`, which stays frozen, in eval mode, on the student's device and outside `accelerator.prepare`, and runs
@@ -42,7 +86,9 @@ class DistillationTrainer(Trainer):
 
     Each loss component is logged (mean over the logging window and over processes). Evaluation post-processes on
     the device and gathers compact per-image detections (see [`pack_detections`]) with the image ids; pass a
-    `compute_metrics` such as [`hf_kd.metrics.coco_compute_metrics`] to get the COCO numbers.
+    `compute_metrics` such as [`coco_compute_metrics`] to get the COCO numbers. `eval_data_collator` (e.g. without
+    augmentation) replaces `data_collator` for evaluation and prediction; a `data_collator` with `set_epoch` gets
+    the epoch at the start of each one.
     """
 
     # The losses are per-batch means (normalized by the number of positives), not sums over items.
@@ -53,6 +99,7 @@ class DistillationTrainer(Trainer):
         model: GFLForObjectDetection,
         args: DistillationArguments,
         teacher: GFLForObjectDetection | None = None,
+        eval_data_collator: Callable | None = None,
         **kwargs,
     ):
         self.distillation_config = args.distillation_config()
@@ -68,6 +115,9 @@ class DistillationTrainer(Trainer):
             logger.warning("kd_method='none': the teacher is not used.")
             teacher = None
         super().__init__(model=model, args=args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+        if hasattr(self.data_collator, "set_epoch"):
+            self.add_callback(_SetCollatorEpoch(self.data_collator))
         self.teacher = None
         if teacher is not None:
             self.teacher = teacher.eval().requires_grad_(False).to(self.accelerator.device)
@@ -138,6 +188,39 @@ class DistillationTrainer(Trainer):
                 self._loss_counts[split] = 0
         super().log(logs, start_time)
 
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
+        if is_training or self.eval_data_collator is None:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
+        finally:
+            self.data_collator = train_collator
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Trainer's model card plus a section on the distillation: teacher, method and settings, and the latest
+        COCO numbers."""
+        super().create_model_card(*args, **kwargs)
+        if not self.is_world_process_zero():
+            return
+        lines = ["", "## Distillation (hf_kd)", ""]
+        if self.teacher is None:
+            lines.append("Trained without a teacher (`kd_method=none`).")
+        else:
+            lines += [
+                f"- Method: `{self.args.kd_method}`",
+                f"- Teacher: `{self.teacher.config.name_or_path or 'local model'}` "
+                f"({self.teacher.config.backbone} backbone)",
+                f"- Settings: `{json.dumps(self.distillation_config.__dict__)}`",
+            ]
+        evaluations = [entry for entry in self.state.log_history if "eval_map" in entry]
+        if evaluations:
+            latest = evaluations[-1]
+            lines += ["", f"COCO box metrics at step {latest['step']}:", "", "| metric | value |", "| --- | --- |"]
+            lines += [f"| {name} | {latest[f'eval_{name}']:.4f} |" for name in COCO_STAT_NAMES]
+        with open(os.path.join(self.args.output_dir, "README.md"), "a") as card:
+            card.write("\n".join(lines) + "\n")
+
     def create_optimizer(self, model=None):
         if not self.args.paper_recipe or self.optimizer is not None:
             return super().create_optimizer(model)
@@ -164,4 +247,4 @@ class DistillationTrainer(Trainer):
         return self.lr_scheduler
 
 
-__all__ = ["DistillationTrainer", "pack_detections"]
+__all__ = ["DistillationTrainer", "coco_compute_metrics", "pack_detections"]

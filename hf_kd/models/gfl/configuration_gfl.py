@@ -83,6 +83,9 @@ class GFLConfig(PreTrainedConfig):
     prior_prob: float = 0.01
 
     def __post_init__(self, **kwargs):
+        self.strides = list(self.strides)  # the same type whether built here or read back from config.json
+        if self.backbone_out_indices is not None:
+            self.backbone_out_indices = list(self.backbone_out_indices)
         if self.id2label is None and kwargs.get("num_labels") is None:
             self.id2label = dict(enumerate(COCO_CLASSES))
             self.label2id = {name: index for index, name in self.id2label.items()}

@@ -140,14 +140,20 @@ class GFLImageProcessor(TorchvisionBackend):
                         tuple(image.shape[-2:]),
                     )
                 )
-        data = {}
         if do_pad:
             height = max(image.shape[-2] for image in processed)
             width = max(image.shape[-1] for image in processed)
             height, width = (-(-height // size_divisor) * size_divisor, -(-width // size_divisor) * size_divisor)
-            processed, masks = self.pad(processed, pad_size=SizeDict(height=height, width=width), return_mask=True)
-            data["pixel_mask"] = torch.stack(masks)
-        data["pixel_values"] = torch.stack(processed)
+        else:
+            height, width = processed[0].shape[-2:]
+            if any(image.shape[-2:] != (height, width) for image in processed):
+                raise ValueError("Images of different sizes need do_pad=True to form a batch.")
+        pixel_values = processed[0].new_zeros(len(processed), 3, height, width)
+        pixel_mask = torch.zeros(len(processed), height, width, dtype=torch.int64)
+        for index, image in enumerate(processed):
+            pixel_values[index, :, : image.shape[-2], : image.shape[-1]] = image
+            pixel_mask[index, : image.shape[-2], : image.shape[-1]] = 1
+        data = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
         encoded = BatchFeature(data, tensor_type=return_tensors)
         if annotations is not None:
             encoded["labels"] = labels

@@ -503,25 +503,24 @@ class GFLPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^distillation_adapters\."]
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Only the FPN and the head are initialised here: the timm backbone keeps its own initialisation.
-        if isinstance(module, GFLFPN):
-            for conv in module.modules():
-                if isinstance(conv, nn.Conv2d):
-                    init.xavier_uniform_(conv.weight)
-                    init.zeros_(conv.bias)
-        elif isinstance(module, GFLHead):
-            for layer in module.modules():
-                if isinstance(layer, nn.Conv2d):
-                    init.normal_(layer.weight, std=self.config.initializer_range)
-                    if layer.bias is not None:
-                        init.zeros_(layer.bias)
-                elif isinstance(layer, nn.GroupNorm):
-                    init.ones_(layer.weight)
-                    init.zeros_(layer.bias)
-                elif isinstance(layer, GFLScale):
-                    init.ones_(layer.scale)
-            prior_prob = self.config.prior_prob
-            init.constant_(module.gfl_cls.bias, -math.log((1 - prior_prob) / prior_prob))
+        """MMDetection's init: Xavier-uniform FPN convs; normal(0, initializer_range) head convs, the classifier's bias
+        at the prior probability; GroupNorm (1, 0); scales 1. The timm backbone keeps timm's own init (its modules are
+        marked initialised when it is built)."""
+        if isinstance(module, GFLScale):
+            init.ones_(module.scale)
+        elif isinstance(module, nn.GroupNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            if any(module is conv for conv in self.neck.modules()):
+                init.xavier_uniform_(module.weight)
+            else:
+                init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            if module is self.head.gfl_cls:
+                prior_prob = self.config.prior_prob
+                init.constant_(module.bias, -math.log((1 - prior_prob) / prior_prob))
 
 
 class GFLForObjectDetection(GFLPreTrainedModel):
@@ -531,6 +530,8 @@ class GFLForObjectDetection(GFLPreTrainedModel):
     def __init__(self, config: GFLConfig):
         super().__init__(config)
         self.backbone = create_backbone(config)
+        for module in self.backbone.modules():  # keep timm's initialisation
+            module._is_hf_initialized = True
         self.neck = GFLFPN(self.backbone.feature_info.channels(), config.fpn_channels, len(config.strides) - 3)
         self.head = GFLHead(config)
         self._freeze_backbone_stages()

@@ -1,0 +1,38 @@
+"""Detection data: COCO folders and Hub `objects` datasets as `datasets` objects, transforms and collator.
+
+The synthetic dataset generator is `hf_kd.data.synthetic` (not imported here, so that `python -m hf_kd.data.synthetic`
+runs it cleanly)."""
+
+from .coco import (
+    CocoDetectionSource,
+    DataValidationReport,
+    DetectionCategories,
+    DetectionDataError,
+    detection_features,
+    export_coco_to_parquet,
+    find_coco_annotation_file,
+    format_detection_dataset,
+    get_id2label,
+    load_coco_detection,
+    load_detection_dataset,
+    read_coco_detection,
+)
+from .collator import DetectionCollator
+from .transforms import DetectionTransform
+
+__all__ = [
+    "CocoDetectionSource",
+    "DataValidationReport",
+    "DetectionCategories",
+    "DetectionCollator",
+    "DetectionDataError",
+    "DetectionTransform",
+    "detection_features",
+    "export_coco_to_parquet",
+    "find_coco_annotation_file",
+    "format_detection_dataset",
+    "get_id2label",
+    "load_coco_detection",
+    "load_detection_dataset",
+    "read_coco_detection",
+]

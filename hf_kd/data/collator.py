@@ -1,0 +1,49 @@
+"""Batching of detection examples for GFL models: transforms, then the image processor's normalization and padding."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .transforms import DetectionTransform
+
+
+class DetectionCollator:
+    """Collates examples in the common layout into `pixel_values`, `pixel_mask` and a list of label dicts.
+
+    Args:
+        image_processor: a `GFLImageProcessor` (normalizes and pads to a multiple of its `size_divisor`).
+        transform: per-example resize/augmentation; defaults to the processor's resize without augmentation
+            (evaluation).
+
+    Each label dict has `boxes` (float32 `(n, 4)` absolute xyxy in the resized, unpadded frame), `class_labels`,
+    `image_id`, `orig_size` and `size` ((h, w) of the original and of the resized image). With a `Trainer`, pass
+    `remove_unused_columns=False`, and call `set_epoch` at each epoch for new augmentation draws.
+    """
+
+    def __init__(self, image_processor: Any, transform: DetectionTransform | None = None):
+        self.image_processor = image_processor
+        self.transform = (
+            transform if transform is not None else DetectionTransform.from_image_processor(image_processor)
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(image_processor={type(self.image_processor).__name__}, transform={self.transform})"
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.transform.set_epoch(epoch)
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        transformed = [self.transform(example) for example in examples]
+        encoded = self.image_processor(
+            images=[item["image"] for item in transformed], do_resize=False, return_tensors="pt"
+        )
+        return {
+            "pixel_values": encoded["pixel_values"],
+            "pixel_mask": encoded["pixel_mask"].to(torch.int64),
+            "labels": [item["labels"] for item in transformed],
+        }

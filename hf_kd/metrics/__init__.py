@@ -1,0 +1,21 @@
+"""Evaluation metrics."""
+
+from .coco_map import (
+    COCO_STAT_NAMES,
+    CocoDetectionMAP,
+    build_coco_ground_truth,
+    coco_reference,
+    evaluate_coco_detections,
+    load_coco_ground_truth,
+    to_coco_detections,
+)
+
+__all__ = [
+    "COCO_STAT_NAMES",
+    "CocoDetectionMAP",
+    "build_coco_ground_truth",
+    "coco_reference",
+    "evaluate_coco_detections",
+    "load_coco_ground_truth",
+    "to_coco_detections",
+]

@@ -1,0 +1,159 @@
+"""Detection transforms and the collator: output contract, parity with the image processor, determinism, clipping."""
+
+import logging
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from hf_kd.data import DetectionCollator, DetectionDataError, DetectionTransform, read_coco_detection
+from hf_kd.data.synthetic import generate_synthetic_coco
+from hf_kd.models.gfl.image_processing_gfl import GFLImageProcessor, get_resize_output_size
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return GFLImageProcessor(size={"shortest_edge": 320, "longest_edge": 512})
+
+
+@pytest.fixture(scope="module")
+def synthetic_source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    paths = generate_synthetic_coco(root, num_images=24, seed=3, image_size=96, val_fraction=0.25)
+    return read_coco_detection(paths["train"])
+
+
+def _examples(source, count=None):
+    return list(source.to_iterable_dataset())[:count]
+
+
+def _example(width=64, height=48, objects=(), image_id=7):
+    image = PIL.Image.fromarray(np.random.default_rng(image_id).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    return {"image": image, "image_id": image_id, "width": width, "height": height, "objects": list(objects)}
+
+
+def _object(bbox, category=1, iscrowd=0):
+    return {"id": 1, "bbox": list(bbox), "category": category, "area": bbox[2] * bbox[3], "iscrowd": iscrowd}
+
+
+def test_eval_collator_contract_and_processor_parity(coco128_dir, processor):
+    source = read_coco_detection(coco128_dir / "annotations.json")
+    examples = _examples(source, 6)
+    batch = DetectionCollator(processor)(examples)
+    assert set(batch) == {"pixel_values", "pixel_mask", "labels"}
+    pixel_values, pixel_mask = batch["pixel_values"], batch["pixel_mask"]
+    assert pixel_values.dtype == torch.float32 and pixel_mask.dtype == torch.int64
+    assert pixel_values.shape[0] == 6 and pixel_values.shape[-2] % 32 == 0 and pixel_values.shape[-1] % 32 == 0
+
+    annotations = [
+        {"image_id": e["image_id"], "annotations": [{**o, "category_id": o["category"]} for o in e["objects"]]}
+        for e in examples
+    ]
+    for index, (example, labels) in enumerate(zip(examples, batch["labels"])):
+        assert set(labels) == {"boxes", "class_labels", "image_id", "orig_size", "size"}
+        height, width = get_resize_output_size(example["height"], example["width"], 320, 512)
+        assert labels["size"].tolist() == [height, width]
+        assert labels["orig_size"].tolist() == [example["height"], example["width"]]
+        assert labels["image_id"].dtype == torch.int64 and labels["image_id"].ndim == 0
+        assert labels["boxes"].dtype == torch.float32 and labels["class_labels"].dtype == torch.int64
+        assert int(pixel_mask[index].sum()) == height * width and pixel_mask[index, :height, :width].all()
+        alone = processor(images=[example["image"]], annotations=[annotations[index]], return_tensors="pt")
+        assert torch.equal(pixel_values[index, :, :height, :width], alone["pixel_values"][0, :, :height, :width])
+        assert torch.allclose(labels["boxes"], alone["labels"][0]["boxes"], atol=1e-4)
+        assert torch.equal(labels["class_labels"], alone["labels"][0]["class_labels"])
+        expected = torch.tensor([o["bbox"] for o in example["objects"]], dtype=torch.float64).reshape(-1, 4)
+        expected[:, 2:] += expected[:, :2]
+        expected *= torch.tensor([width / example["width"], height / example["height"]] * 2, dtype=torch.float64)
+        assert torch.allclose(labels["boxes"].double(), expected, atol=1e-4)
+
+
+def test_empty_image_and_crowd_regions(processor):
+    crowd = _example(objects=[_object((1, 1, 10, 10), iscrowd=1), _object((5, 5, 20, 10), category=2)])
+    empty = _example(image_id=8)
+    transform = DetectionTransform(shortest_edge=48, longest_edge=100)
+    batch = DetectionCollator(processor, transform)([crowd, empty])
+    assert batch["labels"][0]["boxes"].tolist() == [[5.0, 5.0, 25.0, 15.0]]
+    assert batch["labels"][0]["class_labels"].tolist() == [2]
+    assert batch["labels"][1]["boxes"].shape == (0, 4) and batch["labels"][1]["class_labels"].shape == (0,)
+    assert transform.stats["crowd_regions"] == 1 and transform.stats["boxes"] == 1
+
+
+def test_clipping_counts_and_logs_removed_boxes(caplog):
+    objects = [_object((50, 40, 30, 20)), _object((70, 60, 5, 5)), _object((10, 10, 0, 5)), _object((1, 2, 3, 4))]
+    transform = DetectionTransform(shortest_edge=48, longest_edge=64)
+    with caplog.at_level(logging.WARNING):
+        labels = transform(_example(objects=objects))["labels"]
+    assert labels["boxes"].tolist() == [[50.0, 40.0, 64.0, 48.0], [1.0, 2.0, 4.0, 6.0]]
+    assert transform.stats["clipped_boxes"] == 1 and transform.stats["removed_boxes"] == 2
+    assert "image id 7: removed 2 box(es)" in caplog.text
+
+
+def test_size_mismatch_is_an_error():
+    example = _example()
+    example["width"] = 50
+    with pytest.raises(DetectionDataError, match="image id 7: decoded image is 64x48 but the annotations say 50x48"):
+        DetectionTransform()(example)
+
+
+def test_flip_and_multiscale():
+    example = _example(width=80, height=40, objects=[_object((10, 5, 20, 10))])
+    plain = DetectionTransform(shortest_edge=40, longest_edge=200)(example)
+    flipped = DetectionTransform(shortest_edge=40, longest_edge=200, flip_prob=1.0)(example)
+    assert torch.equal(flipped["image"], plain["image"].flip(-1))
+    assert flipped["labels"]["boxes"].tolist() == [[50.0, 5.0, 70.0, 15.0]]
+
+    multiscale = DetectionTransform(shortest_edge=(20, 60), longest_edge=100, seed=1)
+    sizes = set()
+    for epoch in range(12):
+        multiscale.set_epoch(epoch)
+        size = multiscale(example)["labels"]["size"].tolist()
+        assert 20 <= size[0] <= 60 and size[1] <= 100 and size[1] == 2 * size[0]  # aspect ratio kept, longest capped
+        sizes.add(size[0])
+    assert len(sizes) > 3
+
+
+def test_photometric_jitter_changes_pixels_not_boxes():
+    example = _example(objects=[_object((5, 5, 20, 10))])
+    plain = DetectionTransform(shortest_edge=48)(example)
+    jitter = DetectionTransform(shortest_edge=48, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
+    jittered = jitter(example)
+    assert jittered["image"].dtype == torch.uint8 and not torch.equal(jittered["image"], plain["image"])
+    assert torch.equal(jittered["labels"]["boxes"], plain["labels"]["boxes"])
+    assert torch.equal(jitter(example)["image"], jittered["image"])
+
+
+def _train_transform(seed=0):
+    return DetectionTransform(
+        shortest_edge=(64, 128), longest_edge=160, flip_prob=0.5, brightness=0.2, hue=0.05, seed=seed
+    )
+
+
+def _outputs_by_image(loader):
+    outputs = {}
+    for batch in loader:
+        for index, labels in enumerate(batch["labels"]):
+            height, width = labels["size"].tolist()
+            outputs[int(labels["image_id"])] = (labels["boxes"], batch["pixel_values"][index, :, :height, :width])
+    return outputs
+
+
+def test_training_batches_are_deterministic_across_workers_and_change_with_epoch(synthetic_source, processor):
+    dataset = synthetic_source.to_iterable_dataset(num_shards=4)
+
+    def run(num_workers, epoch, seed=0):
+        collator = DetectionCollator(processor, _train_transform(seed))
+        collator.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=num_workers, collate_fn=collator)
+        return _outputs_by_image(loader)
+
+    single, workers = run(0, epoch=0), run(2, epoch=0)
+    assert sorted(single) == sorted(workers) == sorted(int(i) for i in synthetic_source.image_ids)
+    for image_id, (boxes, pixels) in single.items():
+        assert torch.equal(boxes, workers[image_id][0]) and torch.equal(pixels, workers[image_id][1])
+
+    next_epoch, other_seed = run(0, epoch=1), run(0, epoch=0, seed=1)
+    for other in (next_epoch, other_seed):
+        assert any(
+            single[i][1].shape != other[i][1].shape or not torch.equal(single[i][1], other[i][1]) for i in single
+        )
