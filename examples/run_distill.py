@@ -1,0 +1,221 @@
+"""Distill (or train) a GFL detector with hf_kd.
+
+Distill a ResNet-18 student from a teacher on a local COCO folder, on every GPU, in bf16:
+
+    accelerate launch examples/run_distill.py \
+        --teacher_model_name_or_path path/to/teacher --kd_method crosskd \
+        --student_backbone resnet18 --data_dir path/to/coco --train_split train2017 --eval_split val2017 \
+        --output_dir outputs/crosskd_r18 --max_steps 90000 --per_device_train_batch_size 2 --paper_recipe \
+        --bf16 --eval_strategy steps --eval_steps 10000 --save_steps 10000
+
+Train a teacher or a baseline: `--kd_method none` (no teacher). A dataset on the Hub in the `objects` layout:
+`--dataset_name NAME` (streamed). All arguments can also come from a JSON file: `run_distill.py config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import transformers
+from transformers import AutoModelForObjectDetection, HfArgumentParser
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_kd import GFLConfig, GFLForObjectDetection, GFLImageProcessor
+from hf_kd.data import (
+    DetectionCollator,
+    DetectionTransform,
+    find_coco_annotation_file,
+    get_id2label,
+    load_coco_detection,
+    load_detection_dataset,
+)
+from hf_kd.distill import DistillationArguments, DistillationTrainer, coco_compute_metrics
+from hf_kd.metrics import build_coco_ground_truth
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Teacher GFL detector (folder or Hub id); needed unless --kd_method none."}
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start the student from this saved detector instead of building a new one."}
+    )
+    student_backbone: str = field(default="resnet18", metadata={"help": "timm backbone of a new student."})
+    student_fpn_channels: int | None = field(default=None, metadata={"help": "Default: the teacher's (or 256)."})
+    student_head_channels: int | None = field(default=None, metadata={"help": "Default: the teacher's (or 256)."})
+    student_stacked_convs: int | None = field(default=None, metadata={"help": "Default: the teacher's (or 4)."})
+    backbone_checkpoint: str | None = field(
+        default=None, metadata={"help": "Local timm weights (.pth/.safetensors) for the new student's backbone."}
+    )
+    pretrained_backbone: bool = field(
+        default=False, metadata={"help": "Download timm's ImageNet weights for the new student's backbone (Hub)."}
+    )
+    backbone_frozen_stages: int = field(default=1, metadata={"help": "Frozen stem + first N stages (-1: none)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code for Hub models."})
+
+
+@dataclass
+class DataArguments:
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Local COCO folder (instances_<split>.json or annotations*.json + images)."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset in the `objects` layout."})
+    train_split: str = field(default="train")
+    eval_split: str | None = field(default="val", metadata={"help": "Evaluation split; empty to skip evaluation."})
+    streaming: bool = field(default=True, metadata={"help": "Stream the training set (IterableDataset)."})
+    column_mapping: str | None = field(
+        default=None, metadata={"help": 'JSON mapping of our column names to the dataset\'s, e.g. {"bbox": "box"}.'}
+    )
+    box_format: str = field(default="xywh", metadata={"help": "Hub datasets: xywh, xyxy or cxcywh."})
+    normalized_boxes: bool = field(default=False, metadata={"help": "Hub datasets: boxes relative to image size."})
+    shortest_edge: int = field(default=800, metadata={"help": "Resize: shortest edge (MMDetection: 800)."})
+    longest_edge: int = field(default=1333, metadata={"help": "Resize: longest edge cap (MMDetection: 1333)."})
+    multi_scale_min: int | None = field(
+        default=None, metadata={"help": "Train with the shortest edge drawn from [multi_scale_min, shortest_edge]."}
+    )
+    flip_prob: float = field(default=0.5, metadata={"help": "Random horizontal flip probability in training."})
+    color_jitter: float = field(default=0.0, metadata={"help": "Brightness/contrast/saturation jitter (0: off)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N images only."})
+
+
+def load_data(data_args: DataArguments, seed: int):
+    """Training and evaluation datasets, `id2label`, and the evaluation ground truth (COCO json path or dict)."""
+    if (data_args.data_dir is None) == (data_args.dataset_name is None):
+        raise ValueError("Give exactly one of --data_dir (local COCO folder) and --dataset_name (Hub dataset).")
+    eval_dataset = ground_truth = None
+    if data_args.data_dir is not None:
+        train_dataset = load_coco_detection(data_args.data_dir, data_args.train_split, streaming=data_args.streaming)
+        if data_args.eval_split:
+            ground_truth = str(find_coco_annotation_file(data_args.data_dir, data_args.eval_split))
+            eval_dataset = load_coco_detection(ground_truth, streaming=False)
+    else:
+        load_kwargs = {
+            "column_mapping": json.loads(data_args.column_mapping) if data_args.column_mapping else None,
+            "box_format": data_args.box_format,
+            "normalized_boxes": data_args.normalized_boxes,
+        }
+        train_dataset = load_detection_dataset(
+            data_args.dataset_name, data_args.train_split, streaming=data_args.streaming, **load_kwargs
+        )
+        if data_args.eval_split:
+            eval_dataset = load_detection_dataset(
+                data_args.dataset_name, data_args.eval_split, streaming=False, **load_kwargs
+            )
+    id2label = get_id2label(train_dataset)
+    if eval_dataset is not None and data_args.max_eval_samples is not None:
+        eval_dataset = eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
+    if eval_dataset is not None and (ground_truth is None or data_args.max_eval_samples is not None):
+        ground_truth = build_coco_ground_truth(eval_dataset.remove_columns("image"), id2label)
+    if data_args.streaming:
+        train_dataset = train_dataset.shuffle(seed=seed, buffer_size=1000)
+    return train_dataset, eval_dataset, id2label, ground_truth
+
+
+def build_student(
+    model_args: ModelArguments, teacher: GFLForObjectDetection | None, id2label: dict
+) -> GFLForObjectDetection:
+    """The student: loaded from `model_name_or_path`, or a new GFL with the teacher's widths by default."""
+    if model_args.model_name_or_path is not None:
+        return AutoModelForObjectDetection.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+        )
+    defaults = teacher.config if teacher is not None else GFLConfig()
+    config = GFLConfig(
+        backbone=model_args.student_backbone,
+        backbone_frozen_stages=model_args.backbone_frozen_stages,
+        fpn_channels=model_args.student_fpn_channels or defaults.fpn_channels,
+        head_channels=model_args.student_head_channels or defaults.head_channels,
+        stacked_convs=model_args.student_stacked_convs or defaults.stacked_convs,
+        id2label=id2label,
+    )
+    if model_args.backbone_checkpoint or model_args.pretrained_backbone:
+        return GFLForObjectDetection.from_pretrained_backbone(config, model_args.backbone_checkpoint)
+    return GFLForObjectDetection(config)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, DistillationArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(argv[0])
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+
+    train_dataset, eval_dataset, id2label, ground_truth = load_data(data_args, training_args.seed)
+    teacher = None
+    if training_args.kd_method != "none":
+        if model_args.teacher_model_name_or_path is None:
+            raise ValueError(f"--kd_method {training_args.kd_method} needs --teacher_model_name_or_path.")
+        teacher = AutoModelForObjectDetection.from_pretrained(
+            model_args.teacher_model_name_or_path, trust_remote_code=model_args.trust_remote_code
+        )
+        if teacher.config.id2label != id2label:
+            raise ValueError(f"The teacher's classes {teacher.config.id2label} differ from the dataset's {id2label}.")
+    student = build_student(model_args, teacher, id2label)
+
+    image_processor = GFLImageProcessor(
+        size={"shortest_edge": data_args.shortest_edge, "longest_edge": data_args.longest_edge}
+    )
+    shortest_edge = data_args.shortest_edge
+    if data_args.multi_scale_min is not None:
+        shortest_edge = (data_args.multi_scale_min, data_args.shortest_edge)
+    jitter = data_args.color_jitter
+    train_transform = DetectionTransform(
+        shortest_edge=shortest_edge,
+        longest_edge=data_args.longest_edge,
+        flip_prob=data_args.flip_prob,
+        brightness=jitter,
+        contrast=jitter,
+        saturation=jitter,
+        seed=training_args.seed,
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        args=training_args,
+        teacher=teacher,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=DetectionCollator(image_processor, train_transform),
+        eval_data_collator=DetectionCollator(image_processor),
+        processing_class=image_processor,
+        compute_metrics=coco_compute_metrics(ground_truth, id2label) if ground_truth is not None else None,
+    )
+
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and os.path.isdir(training_args.output_dir):
+        checkpoint = get_last_checkpoint(training_args.output_dir)  # resume an interrupted run
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+
+    metrics = {}
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    card = {
+        "finetuned_from": model_args.model_name_or_path,
+        "tasks": "object-detection",
+        "dataset": data_args.dataset_name or data_args.data_dir,
+        "tags": ["object-detection", "gfl", "knowledge-distillation", "hf_kd", training_args.kd_method],
+    }
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    else:
+        trainer.create_model_card(**card)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
