@@ -304,16 +304,8 @@ def detect(
     top_indices = torch.cat([level[1] for level in candidates], dim=1)
     prior_indices = torch.div(top_indices, num_classes, rounding_mode="floor")
     boxes = outputs.pred_boxes.detach().float().gather(1, prior_indices[..., None].expand(-1, -1, 4))
-    heights, widths = outputs.image_sizes[:, 0, None].float(), outputs.image_sizes[:, 1, None].float()
-    boxes = torch.stack(
-        [
-            boxes[..., 0].clamp(min=0).minimum(widths),
-            boxes[..., 1].clamp(min=0).minimum(heights),
-            boxes[..., 2].clamp(min=0).minimum(widths),
-            boxes[..., 3].clamp(min=0).minimum(heights),
-        ],
-        dim=-1,
-    )
+    limits = outputs.image_sizes.flip(-1).repeat(1, 2)[:, None].float()  # (B, 1, 4): w, h, w, h
+    boxes = boxes.clamp(min=0).minimum(limits)
     keep = (top_scores > score_threshold) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
 
     results = []
@@ -654,7 +646,6 @@ class GFLForObjectDetection(GFLPreTrainedModel):
         tower_state_index: int | None = None,
         output_detections: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> GFLObjectDetectionOutput | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): normalized images, zero-padded bottom/right.
