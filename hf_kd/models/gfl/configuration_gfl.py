@@ -90,6 +90,17 @@ class GFLConfig(PreTrainedConfig):
             self.id2label = dict(enumerate(COCO_CLASSES))
             self.label2id = {name: index for index, name in self.id2label.items()}
         super().__post_init__(**kwargs)
+        if self.id2label is not None and not self.label2id:
+            self.label2id = {name: index for index, name in self.id2label.items()}
+
+    def to_diff_dict(self) -> dict:
+        """Always keeps the labels: transformers drops them when they equal its own default (2 classes, `LABEL_0` and
+        `LABEL_1`), and `__post_init__` would then read the config back with the 80 COCO classes."""
+        diff = super().to_diff_dict()
+        diff.setdefault("id2label", {str(index): name for index, name in self.id2label.items()})
+        if self.label2id is not None:
+            diff.setdefault("label2id", dict(self.label2id))
+        return diff
 
     def validate_architecture(self):
         """Checks that the sizes fit together (GroupNorm groups, strides, bins)."""

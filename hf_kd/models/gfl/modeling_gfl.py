@@ -287,8 +287,9 @@ def detect(
     """Detections per image in the input's pixel frame, as MMDetection's `predict_by_feat(rescale=False)`.
 
     Per level, the (prior, class) pairs scoring above `score_threshold`, at most `pre_nms_topk` of them; boxes clipped
-    to the image; empty boxes dropped; class-aware NMS (skipped when `nms_iou_threshold` is None); the best
-    `max_detections`. Returns dicts with `boxes` (x1, y1, x2, y2), `scores` and `labels`, best first.
+    to the image; empty boxes dropped; class-aware NMS and then the best `max_detections` (both skipped when
+    `nms_iou_threshold` is None, as MMDetection's `with_nms=False`). Returns dicts with `boxes` (x1, y1, x2, y2),
+    `scores` and `labels`, best first after NMS (level by level, by score, without).
     """
     scores = outputs.logits.detach().float().sigmoid()
     batch_size, _, num_classes = scores.shape
@@ -467,6 +468,10 @@ def create_backbone(config: GFLConfig, pretrained: bool = False, checkpoint_path
         backbone = timm.create_model(config.backbone, pretrained=pretrained, features_only=True, **kwargs)
     except RuntimeError as error:
         raise ValueError(f"timm cannot build {config.backbone!r} as a feature extractor: {error}") from error
+    if getattr(backbone, "output_fmt", "NCHW") != "NCHW":
+        raise ValueError(
+            f"Backbone {config.backbone!r} returns {backbone.output_fmt} features; GFL needs NCHW feature maps."
+        )
     reductions = backbone.feature_info.reduction()
     if config.backbone_out_indices is None:
         if not {8, 16, 32} <= set(reductions):

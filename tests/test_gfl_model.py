@@ -1,0 +1,619 @@
+"""GFLForObjectDetection as a transformers model: save/load (also as remote code), pipeline, training, bad input,
+backbone freezing and pretrained weights, the image processor and the MMDetection converter."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection, pipeline
+
+from hf_kd import GFLConfig, GFLForObjectDetection, GFLImageProcessor, convert_mmdet_checkpoint
+from hf_kd.convert.mmdet import load_converted_weights
+from hf_kd.models.gfl.image_processing_gfl import get_resize_output_size
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_LABELS = {0: "cat", 1: "dog", 2: "bird"}
+# coco128 images with one large object each (category ids: 24 zebra, 18 dog, 5 airplane, 23 bear)
+OVERFIT_IMAGE_IDS = (34, 42, 81, 502)
+OVERFIT_STEPS = 40
+
+
+def tiny_config(**kwargs) -> GFLConfig:
+    defaults = {"backbone": "resnet18", "fpn_channels": 32, "head_channels": 32, "id2label": TINY_LABELS}
+    return GFLConfig(**(defaults | kwargs))
+
+
+def random_batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two normalized images of different sizes padded to 128x160, with their pixel mask."""
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(2, 3, 128, 160, generator=generator)
+    pixel_mask = torch.ones(2, 128, 160, dtype=torch.long)
+    pixel_mask[1, 96:] = 0
+    pixel_mask[1, :, 128:] = 0
+    pixel_values[1] *= pixel_mask[1]
+    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+
+
+def xyxy_iou(box: list[float], other: list[float]) -> float:
+    width = max(0.0, min(box[2], other[2]) - max(box[0], other[0]))
+    height = max(0.0, min(box[3], other[3]) - max(box[1], other[1]))
+    overlap = width * height
+    area = (box[2] - box[0]) * (box[3] - box[1]) + (other[2] - other[0]) * (other[3] - other[1])
+    return overlap / (area - overlap)
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> GFLForObjectDetection:
+    """A small random GFL in eval mode, with non-trivial BatchNorm statistics and detections above the threshold."""
+    torch.manual_seed(0)
+    model = GFLForObjectDetection(tiny_config())
+    with torch.no_grad():
+        for module in model.backbone.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.num_batches_tracked.fill_(7)
+        model.head.gfl_cls.bias.zero_()  # scores around 0.5, so that eval mode gives detections to compare
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_gfl")
+    tiny_model.save_pretrained(path)
+    GFLImageProcessor(size={"shortest_edge": 128, "longest_edge": 160}).save_pretrained(path)
+    return path
+
+
+def assert_same_outputs(outputs, expected) -> None:
+    for name in ("logits", "box_logits", "pred_boxes"):
+        torch.testing.assert_close(getattr(outputs, name), getattr(expected, name), atol=0, rtol=0, msg=name)
+    assert len(outputs.detections) == len(expected.detections)
+    for detections, expected_detections in zip(outputs.detections, expected.detections):
+        assert len(expected_detections["scores"]) > 0
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(detections[key], expected_detections[key], atol=0, rtol=0, msg=key)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (a) save_pretrained -> Auto classes, (b) remote code in a fresh process
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_round_trip(tiny_model, tiny_model_dir):
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    assert isinstance(config, GFLConfig) and config.id2label == TINY_LABELS
+    model = AutoModelForObjectDetection.from_pretrained(tiny_model_dir)
+    assert type(model) is GFLForObjectDetection and not model.training
+    expected_state = tiny_model.state_dict()
+    state = model.state_dict()
+    assert state.keys() == expected_state.keys()
+    for key, value in state.items():  # includes BatchNorm running statistics and num_batches_tracked
+        torch.testing.assert_close(value, expected_state[key], atol=0, rtol=0, msg=key)
+    expected_buffers = dict(tiny_model.named_buffers())  # non-persistent buffers too, should any be added
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, expected_buffers[name], atol=0, rtol=0, msg=name)
+    batch = random_batch()
+    with torch.no_grad():
+        assert_same_outputs(model(**batch), tiny_model(**batch))
+    processor = AutoImageProcessor.from_pretrained(tiny_model_dir)
+    assert type(processor) is GFLImageProcessor
+    assert processor.size.shortest_edge == 128 and processor.size.longest_edge == 160
+
+
+def test_two_default_labels_survive_save_pretrained(tmp_path):
+    """transformers leaves `{0: "LABEL_0", 1: "LABEL_1"}` out of config.json as its own default; a two-class GFL must
+    not come back with GFLConfig's default 80 COCO classes."""
+    GFLForObjectDetection(tiny_config(id2label=None, num_labels=2)).save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).num_labels == 2
+    assert AutoModelForObjectDetection.from_pretrained(tmp_path).head.gfl_cls.out_channels == 2
+
+
+REMOTE_CODE_SCRIPT = """
+import sys
+
+sys.modules["hf_kd"] = None  # hf_kd is installed in this environment: make it unimportable here
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
+
+model_dir, inputs_path, outputs_path = sys.argv[1:]
+try:
+    import hf_kd  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise AssertionError("hf_kd must not be importable")
+model = AutoModelForObjectDetection.from_pretrained(model_dir, trust_remote_code=True)
+processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=True)
+for obj in (model, processor):
+    assert type(obj).__module__.startswith("transformers_modules."), type(obj).__module__
+with torch.no_grad():
+    outputs = model(**load_file(inputs_path))
+tensors = {"logits": outputs.logits, "box_logits": outputs.box_logits, "pred_boxes": outputs.pred_boxes}
+for image, detections in enumerate(outputs.detections):
+    tensors.update({f"{key}/{image}": value for key, value in detections.items()})
+save_file({key: value.contiguous() for key, value in tensors.items()}, outputs_path)
+results = pipeline("object-detection", model=model_dir, trust_remote_code=True)(Image.new("RGB", (90, 70)), threshold=0)
+assert results and {"score", "label", "box"} <= set(results[0]), results
+"""
+
+
+def test_remote_code_in_fresh_process(tiny_model, tiny_model_dir, tmp_path):
+    for file in tiny_model_dir.glob("*.py"):  # copied flat: relative imports of sibling files only, no hf_kd
+        source = file.read_text()
+        assert not re.search(r"^\s*(from|import)\s+hf_kd", source, re.MULTILINE), file.name
+        for module in re.findall(r"^\s*from\s+\.(\w+)\s+import", source, re.MULTILINE):
+            assert (tiny_model_dir / f"{module}.py").is_file(), f"{file.name} imports .{module}"
+    batch = random_batch(seed=1)
+    save_file(batch, tmp_path / "inputs.safetensors")
+    (tmp_path / "remote.py").write_text(REMOTE_CODE_SCRIPT)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    command = [sys.executable, "-I", "remote.py", str(tiny_model_dir), "inputs.safetensors", "outputs.safetensors"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    remote = load_file(tmp_path / "outputs.safetensors")
+    with torch.no_grad():
+        expected = tiny_model(**batch)
+    for name in ("logits", "box_logits", "pred_boxes"):
+        torch.testing.assert_close(remote[name], getattr(expected, name), atol=0, rtol=0, msg=name)
+    for image, detections in enumerate(expected.detections):
+        for key, value in detections.items():
+            torch.testing.assert_close(remote[f"{key}/{image}"], value, atol=0, rtol=0, msg=f"{key}/{image}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (d) training: a small GFL overfits a few coco128 photos on CPU; (c) the pipeline on one of them
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def coco_map50(ground_truth: list[dict], detections: list[dict], num_classes: int) -> float:
+    """pycocotools mAP@0.5 of `detections` (`image_id`, `category_id`, xywh `bbox`, `score`)."""
+    dataset = {
+        "images": [{"id": image_id} for image_id in sorted({a["image_id"] for a in ground_truth})],
+        "categories": [{"id": index} for index in range(num_classes)],
+        "annotations": [dict(annotation, id=index + 1) for index, annotation in enumerate(ground_truth)],
+    }
+    coco = COCO()
+    coco.dataset = dataset
+    coco.createIndex()
+    evaluator = COCOeval(coco, coco.loadRes(detections), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return float(evaluator.stats[1])
+
+
+@pytest.fixture(scope="module")
+def overfit(coco128_dir):
+    """Trains a resnet18 GFL (random init, FPN/head width 64) for 40 AdamW steps on 4 coco128 photos resized to fit
+    256x192, then detects on them (boxes in the original photos' pixels)."""
+    coco = json.loads((coco128_dir / "annotations.json").read_text())
+    images_by_id = {image["id"]: image for image in coco["images"]}
+    annotations = [a for a in coco["annotations"] if a["image_id"] in OVERFIT_IMAGE_IDS and not a["iscrowd"]]
+    category_ids = sorted({a["category_id"] for a in annotations})
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    to_label = {category_id: index for index, category_id in enumerate(category_ids)}
+    annotations = [dict(a, category_id=to_label[a["category_id"]]) for a in annotations]
+    images = [
+        Image.open(coco128_dir / "images" / images_by_id[image_id]["file_name"]).convert("RGB")
+        for image_id in OVERFIT_IMAGE_IDS
+    ]
+    processor = GFLImageProcessor(size={"shortest_edge": 192, "longest_edge": 256})
+    batch = processor(
+        images=images,
+        annotations=[
+            {"image_id": image_id, "annotations": [a for a in annotations if a["image_id"] == image_id]}
+            for image_id in OVERFIT_IMAGE_IDS
+        ],
+        return_tensors="pt",
+    )
+    config = GFLConfig(
+        backbone="resnet18",
+        fpn_channels=64,
+        head_channels=64,
+        id2label={index: names[category_id] for index, category_id in enumerate(category_ids)},
+        backbone_frozen_stages=-1,  # no pretrained weights offline: train everything, BatchNorm included
+        freeze_backbone_norm=False,
+    )
+    torch.manual_seed(0)
+    model = GFLForObjectDetection(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    losses, start = [], time.perf_counter()
+    for _ in range(OVERFIT_STEPS):
+        outputs = model(batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
+        optimizer.zero_grad()
+        outputs.loss.backward()
+        optimizer.step()
+        losses.append(outputs.loss.item())
+    train_seconds = time.perf_counter() - start
+    model.eval()
+    with torch.no_grad():
+        outputs = model(batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+    original_sizes = [(image.height, image.width) for image in images]
+    results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=original_sizes)
+    return {
+        "model": model,
+        "processor": processor,
+        "images": images,
+        "annotations": annotations,
+        "results": results,
+        "losses": torch.tensor(losses),
+        "train_seconds": train_seconds,
+    }
+
+
+def test_training_overfits_real_photos(overfit):
+    losses = overfit["losses"]
+    assert torch.isfinite(losses).all()
+    windows = losses.view(-1, 10).mean(1)  # mean loss of each 10 steps: falls steadily
+    assert (windows[1:] < windows[:-1]).all(), windows
+    assert windows[-1] < 0.25 * windows[0], windows
+    detections = [
+        {"image_id": image_id, "category_id": label, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+        for image_id, result in zip(OVERFIT_IMAGE_IDS, overfit["results"])
+        for (x1, y1, x2, y2), score, label in zip(
+            result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist()
+        )
+    ]
+    num_classes = overfit["model"].config.num_labels
+    map50 = coco_map50(overfit["annotations"], detections, num_classes)
+    assert map50 > 0.9, f"mAP@0.5 {map50:.3f} after {OVERFIT_STEPS} steps ({overfit['train_seconds']:.0f} s)"
+
+
+def test_pipeline_on_a_real_photo(overfit, tmp_path):
+    overfit["model"].save_pretrained(tmp_path)
+    overfit["processor"].save_pretrained(tmp_path)
+    detector = pipeline("object-detection", model=str(tmp_path))
+    image = overfit["images"][1]
+    results = detector(image, threshold=0.3)
+    assert results and all({"score", "label", "box"} == set(result) for result in results)
+    labels = set(overfit["model"].config.id2label.values())
+    for result in results:
+        assert result["label"] in labels and 0.3 < result["score"] <= 1
+        box = result["box"]
+        assert 0 <= box["xmin"] < box["xmax"] <= image.width and 0 <= box["ymin"] < box["ymax"] <= image.height
+    # the best detection is the photo's object, in the original image's pixels
+    (annotation,) = [a for a in overfit["annotations"] if a["image_id"] == OVERFIT_IMAGE_IDS[1]]
+    best = max(results, key=lambda result: result["score"])
+    assert best["label"] == overfit["model"].config.id2label[annotation["category_id"]]
+    x, y, width, height = annotation["bbox"]
+    box = [best["box"][key] for key in ("xmin", "ymin", "xmax", "ymax")]
+    assert xyxy_iou(box, [x, y, x + width, y + height]) > 0.7
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (e) bad input: a ValueError that names the problem
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("boxes", "class_labels", "message"),
+    [
+        ([[50.0, 40.0, 10.0, 60.0]], [0], "negative width or height"),
+        ([[200.0, 10.0, 260.0, 50.0]], [1], "entirely outside the 128x160 image"),
+        ([[-90.0, -90.0, -10.0, -20.0]], [1], "entirely outside"),
+        ([[10.0, 10.0, 50.0, 50.0]], [3], r"class_labels must be in \[0, 2\]"),
+        ([[10.0, 10.0, 50.0, 50.0]], [-1], r"class_labels must be in \[0, 2\]"),
+        ([[10.0, 10.0, float("nan"), 50.0]], [0], "NaN"),
+    ],
+)
+def test_bad_labels(tiny_model, boxes, class_labels, message):
+    labels = [
+        {"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "class_labels": torch.tensor([0])},
+        {"boxes": torch.tensor(boxes), "class_labels": torch.tensor(class_labels), "image_id": 17},
+    ]
+    batch = random_batch()
+    batch["pixel_mask"][1] = 1  # both images 128x160
+    with pytest.raises(ValueError, match=f"image 17 \\(batch index 1\\).*{message}"):
+        tiny_model(**batch, labels=labels)
+
+
+def test_wrong_channel_count(tiny_model):
+    with pytest.raises(
+        ValueError, match=r"pixel_values must have shape \(batch, 3, height, width\), got \(1, 4, 64, 64\)"
+    ):
+        tiny_model(torch.zeros(1, 4, 64, 64))
+
+
+@pytest.mark.parametrize(
+    ("backbone", "message"),
+    [
+        ("resnet_does_not_exist", "Unknown timm backbone 'resnet_does_not_exist'"),
+        ("vit_tiny_patch16_224", r"features at strides \[16, 16, 16\]; GFL needs strides 8, 16 and 32"),
+        ("swin_tiny_patch4_window7_224", "returns .*NHWC features; GFL needs NCHW feature maps"),
+    ],
+)
+def test_unusable_backbone(backbone, message):
+    with pytest.raises(ValueError, match=message):
+        GFLForObjectDetection(tiny_config(backbone=backbone))
+
+
+@pytest.mark.parametrize(
+    ("config_kwargs", "message"),
+    [
+        ({"num_labels": 5}, r"head\.gfl_cls\.weight: checkpoint \(3, 64, 3, 3\) vs model \(5, 64, 3, 3\)"),
+        ({"num_labels": 3, "fpn_channels": 128}, r"neck\.lateral_convs\.0\.weight: checkpoint \(64, 128, 1, 1\)"),
+        ({"num_labels": 3, "stacked_convs": 2}, r"unexpected keys \(12\): \['head\.cls_convs\.2\.conv\.weight'"),
+    ],
+)
+def test_checkpoint_head_does_not_match_config(golden_dir, config_kwargs, message):
+    config = GFLConfig(**({"backbone": "resnet18", "fpn_channels": 64, "head_channels": 64} | config_kwargs))
+    with pytest.raises(ValueError, match=message):
+        load_converted_weights(GFLForObjectDetection(config), load_file(golden_dir / "student_r18.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (f) frozen backbone stages and BatchNorm
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def frozen_parameter_prefixes(model: GFLForObjectDetection) -> set[str]:
+    return {name.split(".")[1] for name, p in model.named_parameters() if not p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    ("frozen_stages", "expected"),
+    [(-1, set()), (0, {"conv1", "bn1"}), (1, {"conv1", "bn1", "layer1"}), (2, {"conv1", "bn1", "layer1", "layer2"})],
+)
+def test_frozen_stages(frozen_stages, expected):
+    model = GFLForObjectDetection(tiny_config(backbone_frozen_stages=frozen_stages))
+    assert frozen_parameter_prefixes(model) == expected
+    assert all(p.requires_grad for name, p in model.named_parameters() if not name.startswith("backbone."))
+
+
+def test_frozen_batch_norm_stays_in_eval_mode_and_keeps_statistics():
+    model = GFLForObjectDetection(tiny_config()).train()  # defaults: frozen_stages=1, freeze_backbone_norm=True
+    norms = [module for module in model.backbone.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    assert norms and not any(norm.training for norm in norms)
+    assert model.training and model.neck.training and model.head.training
+    statistics = {name: buffer.clone() for name, buffer in model.backbone.named_buffers()}
+    model(
+        **random_batch(),
+        labels=[{"boxes": torch.tensor([[8.0, 8.0, 60.0, 70.0]]), "class_labels": torch.tensor([1])}] * 2,
+    ).loss.backward()
+    for name, buffer in model.backbone.named_buffers():
+        assert torch.equal(buffer, statistics[name]), name
+    assert model.backbone.conv1.weight.grad is None and model.backbone.layer2[0].conv1.weight.grad is not None
+
+
+def test_unfrozen_batch_norm_trains_except_in_frozen_stages():
+    model = GFLForObjectDetection(tiny_config(freeze_backbone_norm=False)).train()
+    assert not model.backbone.bn1.training and not model.backbone.layer1[0].bn1.training  # frozen stage 1
+    assert model.backbone.layer2[0].bn1.training and model.backbone.layer4[1].bn2.training
+    model.eval()
+    assert not model.backbone.layer2[0].bn1.training
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (g) image processor
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [((480, 640), (800, 1067)), ((640, 480), (1067, 800)), ((1000, 200), (1333, 267)), ((800, 1333), (800, 1333))],
+)
+def test_resize_output_size(size, expected):
+    assert get_resize_output_size(*size, shortest_edge=800, longest_edge=1333) == expected
+
+
+def test_image_processor_resize_pad_normalize_and_annotations():
+    processor = GFLImageProcessor(size={"shortest_edge": 100, "longest_edge": 150})
+    images = [
+        Image.fromarray(np.full((480, 640, 3), (255, 128, 0), dtype=np.uint8)),  # -> 100x133
+        Image.fromarray(np.zeros((300, 200, 3), dtype=np.uint8)),  # -> 150x100
+    ]
+    annotations = [
+        {
+            "image_id": 7,
+            "annotations": [
+                {"bbox": [10.0, 20.0, 30.0, 40.0], "category_id": 2, "iscrowd": 0, "area": 1200.0},
+                {"bbox": [0.0, 0.0, 50.0, 50.0], "category_id": 1, "iscrowd": 1, "area": 2500.0},
+            ],
+        },
+        {"image_id": 8, "annotations": []},
+    ]
+    batch = processor(images=images, annotations=annotations, return_tensors="pt")
+    assert batch["pixel_values"].shape == (2, 3, 160, 160)  # batch max 150x133, padded to multiples of 32
+    expected_mask = torch.zeros(2, 160, 160, dtype=batch["pixel_mask"].dtype)
+    expected_mask[0, :100, :133] = 1
+    expected_mask[1, :150, :100] = 1
+    assert torch.equal(batch["pixel_mask"], expected_mask)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    expected_pixel = (torch.tensor([255.0, 128.0, 0.0]) / 255 - mean) / std
+    torch.testing.assert_close(batch["pixel_values"][0, :, 50, 60], expected_pixel)
+    assert batch["pixel_values"][0, :, 100:].abs().sum() == 0 and batch["pixel_values"][0, :, :, 133:].abs().sum() == 0
+    first, second = batch["labels"]
+    # xywh of the 640x480 original -> xyxy in the 133x100 resized frame; the crowd box is dropped
+    scale = torch.tensor([133 / 640, 100 / 480, 133 / 640, 100 / 480])
+    torch.testing.assert_close(first["boxes"], torch.tensor([[10.0, 20.0, 40.0, 60.0]]) * scale)
+    assert first["class_labels"].tolist() == [2] and first["image_id"].item() == 7
+    assert first["orig_size"].tolist() == [480, 640] and first["size"].tolist() == [100, 133]
+    assert second["boxes"].shape == (0, 4) and second["class_labels"].shape == (0,)
+
+
+def test_post_process_scales_boxes_to_target_sizes(tiny_model):
+    batch = random_batch()
+    with torch.no_grad():
+        outputs = tiny_model(**batch)
+        outputs_without_detections = tiny_model(**batch, output_detections=False)
+    threshold = outputs.detections[0]["scores"].median().item()
+    processor = GFLImageProcessor()
+    results = processor.post_process_object_detection(outputs, threshold, target_sizes=[(256, 320), (48, 64)])
+    # image sizes come from pixel_mask: 128x160 and 96x128; targets are 2x and 0.5x those
+    for result, detections, factor in zip(results, outputs.detections, (2.0, 0.5)):
+        keep = detections["scores"] > threshold
+        assert keep.any()
+        torch.testing.assert_close(result["boxes"], detections["boxes"][keep] * factor)
+        assert torch.equal(result["labels"], detections["labels"][keep])
+        assert torch.equal(result["scores"], detections["scores"][keep])
+    assert len(results[0]["scores"]) < len(outputs.detections[0]["scores"])
+    with pytest.raises(ValueError, match="no detections"):
+        processor.post_process_object_detection(outputs_without_detections)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (h) ImageNet-pretrained backbone from a local timm checkpoint
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_from_pretrained_backbone_local_file(tmp_path, suffix):
+    torch.manual_seed(1)
+    timm_model = timm.create_model("resnet18")
+    with torch.no_grad():  # statistics that no initialization would produce
+        for module in timm_model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+    weights = timm_model.state_dict()
+    path = tmp_path / f"resnet18{suffix}"
+    save_file(weights, path) if suffix == ".safetensors" else torch.save(weights, path)
+
+    model = GFLForObjectDetection.from_pretrained_backbone(tiny_config(), checkpoint_path=str(path))
+
+    def assert_backbone_weights(model: GFLForObjectDetection) -> None:
+        state = model.backbone.state_dict()
+        assert set(state) == {key for key in weights if not key.startswith("fc.")}
+        for key, value in state.items():
+            torch.testing.assert_close(value, weights[key], atol=0, rtol=0, msg=key)
+
+    assert_backbone_weights(model)
+    model.post_init()  # the transformers initialization must not overwrite the loaded weights
+    assert_backbone_weights(model)
+    model.save_pretrained(tmp_path / "detector")
+    assert_backbone_weights(GFLForObjectDetection.from_pretrained(tmp_path / "detector"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (i) MMDetection converter
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def golden_mmdet_checkpoint(golden_dir, tmp_path_factory) -> Path:
+    """The golden student as an MMDetection `.pth` (state_dict + meta with class names)."""
+    path = tmp_path_factory.mktemp("mmdet") / "gfl_r18.pth"
+    state_dict = load_file(golden_dir / "student_r18.safetensors")
+    torch.save({"state_dict": state_dict, "meta": {"dataset_meta": {"classes": ("a", "b", "c")}}}, path)
+    return path
+
+
+def golden_level0_logits(golden_dir: Path, model: GFLForObjectDetection) -> tuple[torch.Tensor, torch.Tensor]:
+    """Level-0 classification logits of `model` on the golden inputs, and MMDetection's."""
+    pixel_values = load_file(golden_dir / "inputs.safetensors")["inputs"][:1]
+    with torch.no_grad():
+        logits = model(pixel_values, output_detections=False).logits[:, : 32 * 40]
+    expected = load_file(golden_dir / "student_outputs.safetensors")["cls_scores/0"][:1]
+    return logits, expected.flatten(2).transpose(1, 2)
+
+
+def test_convert_mmdet_checkpoint(golden_dir, golden_mmdet_checkpoint, tmp_path):
+    convert_mmdet_checkpoint(golden_mmdet_checkpoint, tmp_path, backbone="resnet18", fpn_channels=64, head_channels=64)
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in tmp_path.iterdir()}
+    model = AutoModelForObjectDetection.from_pretrained(tmp_path)
+    assert model.config.id2label == {0: "a", 1: "b", 2: "c"}
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is GFLImageProcessor
+    torch.testing.assert_close(*golden_level0_logits(golden_dir, model), atol=1e-4, rtol=1e-4)
+
+
+def test_convert_safetensors_state_dict_takes_num_labels_from_the_head(golden_dir, tmp_path):
+    model = convert_mmdet_checkpoint(
+        golden_dir / "student_r18.safetensors", backbone="resnet18", fpn_channels=64, head_channels=64
+    )
+    assert model.config.num_labels == 3 and not model.training
+
+
+def test_convert_cli(golden_dir, golden_mmdet_checkpoint, tmp_path):
+    command = [sys.executable, "-m", "hf_kd.convert.mmdet", str(golden_mmdet_checkpoint), str(tmp_path / "out")]
+    command += ["--backbone", "resnet18", "--fpn_channels", "64", "--head_channels", "64"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Converted" in result.stdout
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "gfl" and config["id2label"] == {"0": "a", "1": "b", "2": "c"}
+    model = AutoModelForObjectDetection.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(*golden_level0_logits(golden_dir, model), atol=1e-4, rtol=1e-4)
+
+
+def test_convert_unknown_and_missing_keys(golden_dir, tmp_path):
+    state_dict = load_file(golden_dir / "student_r18.safetensors")
+    converter_kwargs = {"backbone": "resnet18", "fpn_channels": 64, "head_channels": 64}
+    unknown = dict(state_dict, **{"bbox_head.extra_conv.weight": torch.zeros(1), "roi_head.fc.bias": torch.zeros(1)})
+    torch.save({"state_dict": unknown, "meta": {}}, tmp_path / "unknown.pth")
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown MMDetection GFL keys \(2\): \['bbox_head\.extra_conv\.weight', 'roi_head\.fc\.bias'\]",
+    ):
+        convert_mmdet_checkpoint(tmp_path / "unknown.pth", **converter_kwargs)
+    missing = {k: v for k, v in state_dict.items() if not k.startswith("neck.fpn_convs.4.")}
+    torch.save({"state_dict": missing}, tmp_path / "missing.pth")
+    with pytest.raises(
+        ValueError, match=r"missing keys \(2\): \['neck\.fpn_convs\.4\.bias', 'neck\.fpn_convs\.4\.weight'\]"
+    ):
+        convert_mmdet_checkpoint(tmp_path / "missing.pth", **converter_kwargs)
+
+
+def test_initialization_of_a_new_detector():
+    """Fresh detectors get MMDetection's init: head convs N(0, 0.01), classification bias -log(99), Xavier FPN; the
+    timm backbone keeps timm's own initialization."""
+    torch.manual_seed(0)
+    model = GFLForObjectDetection(tiny_config(fpn_channels=64, head_channels=64))
+    torch.testing.assert_close(model.head.gfl_cls.bias, torch.full((3,), -math.log(99)))
+    assert abs(model.head.cls_convs[0].conv.weight.std().item() - 0.01) < 1e-3
+    assert abs(model.head.gfl_reg.weight.std().item() - 0.01) < 1e-3
+    assert model.head.gfl_reg.bias.abs().max() == 0 and model.neck.fpn_convs[0].bias.abs().max() == 0
+    fan_in, fan_out = 64 * 9, 64 * 9  # Xavier uniform: std = sqrt(2 / (fan_in + fan_out))
+    assert abs(model.neck.fpn_convs[0].weight.std().item() - math.sqrt(2 / (fan_in + fan_out))) < 3e-3
+    # timm's ResNet init: Kaiming normal, fan_out (transformers' default init would give std 0.01)
+    assert abs(model.backbone.conv1.weight.std().item() - math.sqrt(2 / (64 * 7 * 7))) < 2e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# examples/predict.py
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_predict_example_writes_png_and_json(tiny_model_dir, tmp_path):
+    sizes = {"wide": (200, 150), "tall": (120, 180)}
+    for name, size in sizes.items():
+        gradient = np.linspace(0, 255, size[0] * size[1] * 3, dtype=np.float64).reshape(size[1], size[0], 3)
+        Image.fromarray(gradient.astype(np.uint8)).save(tmp_path / f"{name}.jpg")
+    command = [sys.executable, str(REPO_ROOT / "examples" / "predict.py"), "--model", str(tiny_model_dir)]
+    command += [str(tmp_path / "wide.jpg"), str(tmp_path / "tall.jpg"), "--out", str(tmp_path / "out")]
+    command += ["--threshold", "0.3", "--device", "cpu"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name, (width, height) in sizes.items():
+        with Image.open(tmp_path / "out" / f"{name}.png") as drawn:
+            assert drawn.format == "PNG" and drawn.size == (width, height)
+        summary = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        assert summary["image"].endswith(f"{name}.jpg") and (summary["width"], summary["height"]) == (width, height)
+        detections = summary["detections"]
+        assert detections, "the tiny model scores around 0.5: some detections pass the 0.3 threshold"
+        assert [d["score"] for d in detections] == sorted((d["score"] for d in detections), reverse=True)
+        for detection in detections:
+            assert set(detection) == {"label", "label_id", "score", "box"}
+            assert detection["label"] == TINY_LABELS[detection["label_id"]] and detection["score"] > 0.3
+            x1, y1, x2, y2 = detection["box"]
+            assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
