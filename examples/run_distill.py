@@ -69,7 +69,17 @@ class DataArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset in the `objects` layout."})
     train_split: str = field(default="train")
     eval_split: str | None = field(default="val", metadata={"help": "Evaluation split; empty to skip evaluation."})
+    test_split: str | None = field(
+        default=None, metadata={"help": "Also evaluate the final model on this split (metrics prefixed test_)."}
+    )
     streaming: bool = field(default=True, metadata={"help": "Stream the training set (IterableDataset)."})
+    num_shards: int | None = field(
+        default=None,
+        metadata={
+            "help": "Local COCO folder: shards of the streamed training set (a multiple of processes x dataloader "
+            "workers; default: one per image, at most 512)."
+        },
+    )
     column_mapping: str | None = field(
         default=None, metadata={"help": 'JSON mapping of our column names to the dataset\'s, e.g. {"bbox": "box"}.'}
     )
@@ -85,43 +95,55 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N images only."})
 
 
+def hub_load_kwargs(data_args: DataArguments) -> dict:
+    return {
+        "column_mapping": json.loads(data_args.column_mapping) if data_args.column_mapping else None,
+        "box_format": data_args.box_format,
+        "normalized_boxes": data_args.normalized_boxes,
+    }
+
+
+def load_evaluation_split(data_args: DataArguments, split: str):
+    """A map-style evaluation dataset and its COCO ground truth (the annotation file itself for a COCO folder)."""
+    if data_args.data_dir is not None:
+        ground_truth = str(find_coco_annotation_file(data_args.data_dir, split))
+        dataset = load_coco_detection(ground_truth, streaming=False)
+    else:
+        ground_truth = None
+        dataset = load_detection_dataset(data_args.dataset_name, split, streaming=False, **hub_load_kwargs(data_args))
+    if data_args.max_eval_samples is not None:
+        dataset = dataset.select(range(min(data_args.max_eval_samples, len(dataset))))
+        ground_truth = None
+    if ground_truth is None:
+        ground_truth = build_coco_ground_truth(dataset.remove_columns("image"), get_id2label(dataset))
+    return dataset, ground_truth
+
+
 def load_data(data_args: DataArguments, seed: int):
     """Training and evaluation datasets, `id2label`, and the evaluation ground truth (COCO json path or dict)."""
     if (data_args.data_dir is None) == (data_args.dataset_name is None):
         raise ValueError("Give exactly one of --data_dir (local COCO folder) and --dataset_name (Hub dataset).")
-    eval_dataset = ground_truth = None
     if data_args.data_dir is not None:
-        train_dataset = load_coco_detection(data_args.data_dir, data_args.train_split, streaming=data_args.streaming)
-        if data_args.eval_split:
-            ground_truth = str(find_coco_annotation_file(data_args.data_dir, data_args.eval_split))
-            eval_dataset = load_coco_detection(ground_truth, streaming=False)
-    else:
-        load_kwargs = {
-            "column_mapping": json.loads(data_args.column_mapping) if data_args.column_mapping else None,
-            "box_format": data_args.box_format,
-            "normalized_boxes": data_args.normalized_boxes,
-        }
-        train_dataset = load_detection_dataset(
-            data_args.dataset_name, data_args.train_split, streaming=data_args.streaming, **load_kwargs
+        train_dataset = load_coco_detection(
+            data_args.data_dir, data_args.train_split, streaming=data_args.streaming, num_shards=data_args.num_shards
         )
-        if data_args.eval_split:
-            eval_dataset = load_detection_dataset(
-                data_args.dataset_name, data_args.eval_split, streaming=False, **load_kwargs
-            )
-    id2label = get_id2label(train_dataset)
-    if eval_dataset is not None and data_args.max_eval_samples is not None:
-        eval_dataset = eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
-    if eval_dataset is not None and (ground_truth is None or data_args.max_eval_samples is not None):
-        ground_truth = build_coco_ground_truth(eval_dataset.remove_columns("image"), id2label)
+    else:
+        train_dataset = load_detection_dataset(
+            data_args.dataset_name, data_args.train_split, streaming=data_args.streaming, **hub_load_kwargs(data_args)
+        )
+    eval_dataset = ground_truth = None
+    if data_args.eval_split:
+        eval_dataset, ground_truth = load_evaluation_split(data_args, data_args.eval_split)
     if data_args.streaming:
         train_dataset = train_dataset.shuffle(seed=seed, buffer_size=1000)
-    return train_dataset, eval_dataset, id2label, ground_truth
+    return train_dataset, eval_dataset, get_id2label(train_dataset), ground_truth
 
 
 def build_student(
     model_args: ModelArguments, teacher: GFLForObjectDetection | None, id2label: dict
 ) -> GFLForObjectDetection:
-    """The student: loaded from `model_name_or_path`, or a new GFL with the teacher's widths by default."""
+    """The student: loaded from `model_name_or_path`, or a new GFL with the teacher's widths by default (and always
+    the teacher's box bins, strides and prior scale, which distillation needs to be equal)."""
     if model_args.model_name_or_path is not None:
         return AutoModelForObjectDetection.from_pretrained(
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
@@ -133,6 +155,9 @@ def build_student(
         fpn_channels=model_args.student_fpn_channels or defaults.fpn_channels,
         head_channels=model_args.student_head_channels or defaults.head_channels,
         stacked_convs=model_args.student_stacked_convs or defaults.stacked_convs,
+        reg_max=defaults.reg_max,
+        strides=defaults.strides,
+        prior_scale=defaults.prior_scale,
         id2label=id2label,
     )
     if model_args.backbone_checkpoint or model_args.pretrained_backbone:
@@ -155,9 +180,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.kd_method != "none":
         if model_args.teacher_model_name_or_path is None:
             raise ValueError(f"--kd_method {training_args.kd_method} needs --teacher_model_name_or_path.")
-        teacher = AutoModelForObjectDetection.from_pretrained(
-            model_args.teacher_model_name_or_path, trust_remote_code=model_args.trust_remote_code
-        )
+        try:
+            teacher = AutoModelForObjectDetection.from_pretrained(
+                model_args.teacher_model_name_or_path, trust_remote_code=model_args.trust_remote_code
+            )
+        except OSError as error:
+            raise OSError(
+                f"Cannot load the teacher {model_args.teacher_model_name_or_path!r} (--teacher_model_name_or_path): "
+                f"not a folder saved with save_pretrained, nor a model on the Hub. {error}"
+            ) from error
         if teacher.config.id2label != id2label:
             raise ValueError(f"The teacher's classes {teacher.config.id2label} differ from the dataset's {id2label}.")
     student = build_student(model_args, teacher, id2label)
@@ -204,6 +235,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if data_args.test_split:
+        test_dataset, test_ground_truth = load_evaluation_split(data_args, data_args.test_split)
+        trainer.compute_metrics = coco_compute_metrics(test_ground_truth, id2label)
+        test_metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
+        trainer.log_metrics("test", test_metrics)
+        trainer.save_metrics("test", test_metrics)
+        metrics.update(test_metrics)
     card = {
         "finetuned_from": model_args.model_name_or_path,
         "tasks": "object-detection",

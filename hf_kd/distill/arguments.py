@@ -15,8 +15,9 @@ class DistillationArguments(TrainingArguments):
 
     The defaults differ from `TrainingArguments` where detection needs it: `remove_unused_columns=False` (the collator
     needs every column), `eval_do_concat_batches=False` and `eval_use_gather_object=True` (detections and image ids
-    are gathered per batch), and `accelerator_config={"dispatch_batches": False}` (every process reads its own shard
-    of a streaming dataset; dispatching garbles list-of-dict labels).
+    are gathered per batch), `accelerator_config={"dispatch_batches": False}` (every process reads its own shard
+    of a streaming dataset; dispatching garbles list-of-dict labels) and `ddp_find_unused_parameters=False` (the
+    distillation adapters of a narrower student are used outside the student's forward).
     """
 
     kd_method: str = field(
@@ -54,6 +55,13 @@ class DistillationArguments(TrainingArguments):
     accelerator_config: dict | str | None = field(
         default_factory=lambda: {"dispatch_batches": False},
         metadata={"help": "Accelerator settings; dispatch_batches=False lets each process read its own shard."},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's find_unused_parameters. A GFL student uses all its parameters in forward; the adapters of "
+            "a narrower student are used in the loss, outside forward, which find_unused_parameters=True rejects."
+        },
     )
 
     def distillation_config(self) -> DistillationConfig | None:

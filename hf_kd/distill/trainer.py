@@ -12,9 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from transformers import EvalPrediction, Trainer, TrainerCallback
+from transformers.trainer_utils import has_length
 
 from ..metrics import COCO_STAT_NAMES, CocoDetectionMAP
+from ..metrics.coco_map import DetectionArrays
 from ..models.gfl.modeling_gfl import GFLForObjectDetection
 from .arguments import DistillationArguments
 from .losses import GFLDistillationLoss
@@ -42,41 +46,107 @@ def pack_detections(
 
 
 def coco_compute_metrics(
-    ground_truth: str | os.PathLike | Mapping[str, Any], id2label: Mapping[int, str] | None = None
+    ground_truth: str | os.PathLike | Mapping[str, Any],
+    id2label: Mapping[int, str] | None = None,
+    backend: str = "auto",
 ) -> Callable[[EvalPrediction], dict[str, float]]:
     """A `compute_metrics` for [`DistillationTrainer`]: the 12 COCO numbers (and per-class AP) of the gathered
-    detections against `ground_truth` (a COCO json path or dict, read once here)."""
-    metric = CocoDetectionMAP(ground_truth=ground_truth, id2label=id2label, keep_in_memory=True)
+    detections against `ground_truth` (a COCO json path or dict).
 
-    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
-        detections = []
-        for batch_detections, batch_image_ids in zip(prediction.predictions, prediction.label_ids):
-            for packed, image_id in zip(np.asarray(batch_detections), np.asarray(batch_image_ids)):
-                packed = packed[packed[:, 4] >= 0]
-                detections.append(
-                    {
-                        "image_id": int(image_id),
-                        "boxes": packed[:, :4].tolist(),
-                        "scores": packed[:, 4].tolist(),
-                        "labels": packed[:, 5].astype(int).tolist(),
-                    }
-                )
-        results = metric.compute(predictions=detections)
+    The ground truth is loaded once per run, by the main process only, at the first evaluation (a path is checked
+    here); the main process computes the metrics (`CocoDetectionMAP.evaluate_predictions` with `backend`) and
+    broadcasts them to the other processes, which the Trainer also calls after gathering, so every process returns
+    the same numbers while only one holds the ground truth and runs COCOeval. The first entry of a repeated image id
+    (padding of the last distributed batch) is used.
+    """
+    if isinstance(ground_truth, (str, os.PathLike)) and not os.path.isfile(ground_truth):
+        raise FileNotFoundError(f"COCO ground truth not found: {ground_truth}")
+    cache: dict[str, CocoDetectionMAP] = {}
+
+    def evaluate_on_main_process(prediction: EvalPrediction) -> dict[str, float]:
+        if "metric" not in cache:
+            cache["metric"] = CocoDetectionMAP(
+                ground_truth=ground_truth, id2label=id2label, backend=backend, keep_in_memory=True
+            )
+        metric = cache["metric"]
+        image_ids, packed = _unpack_detections(prediction.predictions, prediction.label_ids)
+        keep = packed[:, :, 4] >= 0
+        rows = packed[keep]
+        category_ids = sorted(metric.ground_truth.getCatIds())
+        detections = DetectionArrays.from_xyxy(
+            np.repeat(image_ids, keep.sum(axis=1)),
+            rows[:, :4],
+            rows[:, 4],
+            rows[:, 5].astype(np.int64),
+            dict(enumerate(category_ids)),
+        )
+        results = metric.evaluate_predictions(detections, image_ids=image_ids.tolist())
         metrics = {name: results[name] for name in COCO_STAT_NAMES}
         metrics.update({f"map_class_{name}": value for name, value in results["map_per_class"].items()})
+        return metrics
+
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        state = PartialState()
+        metrics, error = None, None
+        if state.is_main_process:
+            try:
+                metrics = evaluate_on_main_process(prediction)
+            except Exception as exception:  # re-raised below, after the other processes have been told
+                error = exception
+        if state.num_processes > 1:
+            message = None if error is None else f"{type(error).__name__}: {error}"
+            metrics, message = broadcast_object_list([metrics, message], from_process=0)
+            if message is not None and error is None:
+                raise RuntimeError(f"COCO evaluation failed on the main process: {message}")
+        if error is not None:
+            raise error
         return metrics
 
     return compute_metrics
 
 
+def _unpack_detections(predictions: Any, label_ids: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Image ids `(n,)` and packed detections `(n, max_detections, 6)` from the gathered evaluation outputs (a list
+    of batches, or concatenated), the first entry of each repeated image id kept."""
+    if isinstance(predictions, np.ndarray) and isinstance(label_ids, np.ndarray):
+        predictions, label_ids = [predictions], [label_ids]
+    packed = [np.asarray(batch, dtype=np.float64) for batch in predictions]
+    packed = [batch.reshape(-1, batch.shape[-2], 6) for batch in packed]
+    image_ids = [np.asarray(batch).reshape(-1).astype(np.int64) for batch in label_ids]
+    width = max((batch.shape[1] for batch in packed), default=0)
+    packed = [np.pad(b, ((0, 0), (0, width - b.shape[1]), (0, 0)), constant_values=-1.0) for b in packed]
+    packed = np.concatenate(packed) if packed else np.zeros((0, 0, 6))
+    image_ids = np.concatenate(image_ids) if image_ids else np.zeros(0, np.int64)
+    _, first = np.unique(image_ids, return_index=True)
+    if len(first) < len(image_ids):
+        logger.warning(
+            "%d evaluation entries repeat an image id (e.g. padded distributed evaluation); kept the first of each, "
+            "%d images",
+            len(image_ids) - len(first),
+            len(first),
+        )
+    first = np.sort(first)
+    return image_ids[first], packed[first]
+
+
 class _SetCollatorEpoch(TrainerCallback):
-    """Gives the training collator the epoch, so that augmentations differ between epochs (and stay seeded)."""
+    """Gives the training collator the epoch, so that augmentations differ between epochs (and stay seeded).
+
+    The epochs are counted like the Trainer's loop: from the one `train` starts (or resumes) in, one per pass over the
+    data. `state.epoch` at an epoch's start is not that number for a dataset without a length (a streaming pass that
+    ends before `max_steps` leaves it at `k + steps / (max_steps * gradient_accumulation_steps)`).
+    """
 
     def __init__(self, collator: Any):
         self.collator = collator
+        self.epoch = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.epoch = int(state.epoch or 0)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.collator.set_epoch(int(state.epoch or 0))
+        self.collator.set_epoch(self.epoch)
+        self.epoch += 1
 
 
 class DistillationTrainer(Trainer):
@@ -107,7 +177,9 @@ class DistillationTrainer(Trainer):
         if self.distillation_config is not None:
             if teacher is None:
                 raise ValueError(f"kd_method={args.kd_method!r} needs a teacher; use kd_method='none' to train alone.")
-            self.distillation_loss = GFLDistillationLoss(self.distillation_config, model.config, teacher.config)
+            with torch.random.fork_rng(devices=[]):  # adapters drawn from the run's seed, like the Trainer's init
+                torch.manual_seed(args.seed)
+                self.distillation_loss = GFLDistillationLoss(self.distillation_config, model.config, teacher.config)
             if any(True for _ in self.distillation_loss.parameters()):
                 # Learned adapters train with the student (same optimizer, DDP and checkpoints).
                 model.distillation_adapters = self.distillation_loss
@@ -123,6 +195,30 @@ class DistillationTrainer(Trainer):
             self.teacher = teacher.eval().requires_grad_(False).to(self.accelerator.device)
         self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._loss_counts = defaultdict(int)
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ) -> tuple[int, int]:
+        """Where a resumed run continues: the Trainer's own answer, except for a training set without a length.
+
+        The Trainer counts such a set (a streaming dataset) as one epoch of `max_steps` steps when resuming, but starts
+        a new epoch (new shuffle and augmentation draws) each time a pass over the data ends; it would replay the
+        first epoch's batches after a checkpoint taken in a later one. Resume in the epoch and at the batch recorded
+        in the checkpoint's `state.epoch` (`epoch + batches / (max_steps * gradient_accumulation_steps)`) instead.
+        """
+        epochs_trained, steps_trained_in_current_epoch = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if (
+            resume_from_checkpoint is not None
+            and self.state.global_step > 0
+            and not has_length(self.train_dataset)
+            and not self.args.ignore_data_skip
+        ):
+            epochs_trained = int(self.state.epoch)
+            batches_per_epoch = max_steps * self.args.gradient_accumulation_steps
+            steps_trained_in_current_epoch = round((self.state.epoch - epochs_trained) * batches_per_epoch)
+        return epochs_trained, steps_trained_in_current_epoch
 
     def _accumulate_losses(self, split: str, losses: dict[str, torch.Tensor]) -> None:
         sums = self._loss_sums[split]
@@ -153,8 +249,25 @@ class DistillationTrainer(Trainer):
                 terms.update(self.distillation_loss(outputs, teacher_outputs, targets, self.teacher.head))
             losses = {name: value.sum() for name, value in terms.items()}
         loss = sum(losses.values())
+        if model.training:
+            self._check_finite(losses)
         self._accumulate_losses("train" if model.training else "eval", losses)
         return (loss, outputs) if return_outputs else loss
+
+    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        """Stops training, on every process at once, when a loss component is NaN or infinite on any process (the
+        Trainer would otherwise step on it and only leave it out of the logged loss)."""
+        not_finite = torch.stack([~value.detach().isfinite() for value in losses.values()]).float()
+        if self.accelerator.num_processes > 1:
+            not_finite = self.accelerator.reduce(not_finite, reduction="sum")
+        if not_finite.any():
+            components = ", ".join(
+                f"{name} (here {value.item()})" for (name, value), bad in zip(losses.items(), not_finite) if bad
+            )
+            raise FloatingPointError(
+                f"Non-finite loss at step {self.state.global_step + 1} (epoch {self.state.epoch or 0:.2f}): "
+                f"{components}. Lower the learning rate or the KD weights, or check the data."
+            )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
