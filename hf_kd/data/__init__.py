@@ -1,4 +1,5 @@
-"""Detection data: COCO folders and Hub `objects` datasets as `datasets` objects, transforms and collator.
+"""Detection data: COCO folders and Hub `objects` datasets as `datasets` objects, COCO-size annotation files prepared
+once into parquet shards (`prepare_coco_detection`, `load_prepared_coco_detection`), transforms and collator.
 
 The synthetic dataset generator is `hf_kd.data.synthetic` (not imported here, so that `python -m hf_kd.data.synthetic`
 runs it cleanly)."""
@@ -18,6 +19,7 @@ from .coco import (
     read_coco_detection,
 )
 from .collator import DetectionCollator
+from .prepared import PreparedCocoDetection, load_prepared_coco_detection, prepare_coco_detection
 from .transforms import DetectionTransform
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "DetectionCollator",
     "DetectionDataError",
     "DetectionTransform",
+    "PreparedCocoDetection",
     "detection_features",
     "export_coco_to_parquet",
     "find_coco_annotation_file",
@@ -34,5 +37,7 @@ __all__ = [
     "get_id2label",
     "load_coco_detection",
     "load_detection_dataset",
+    "load_prepared_coco_detection",
+    "prepare_coco_detection",
     "read_coco_detection",
 ]

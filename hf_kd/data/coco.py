@@ -200,6 +200,7 @@ class CocoDetectionSource:
         labels: np.ndarray,
         areas: np.ndarray,
         iscrowd: np.ndarray,
+        json_counts: Mapping[str, int] | None = None,
     ):
         self.annotation_file = annotation_file
         self.image_dir = image_dir
@@ -215,6 +216,7 @@ class CocoDetectionSource:
         self.labels = labels
         self.areas = areas
         self.iscrowd = iscrowd
+        self.json_counts = dict(json_counts or {})
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -228,6 +230,16 @@ class CocoDetectionSource:
     @property
     def features(self) -> datasets.Features:
         return detection_features(self.categories.names)
+
+    def counts(self) -> dict[str, int]:
+        """Images, annotations, crowd regions and empty images (images without annotations) held here, i.e. after
+        validation; `json_counts` has the same numbers for the annotation file as written."""
+        return {
+            "images": len(self),
+            "annotations": len(self.annotation_ids),
+            "crowd": int(np.count_nonzero(self.iscrowd)),
+            "empty_images": int(np.count_nonzero(np.diff(self.annotation_offsets) == 0)),
+        }
 
     def image_path(self, index: int) -> str:
         return str(self.image_dir / str(self.file_names[index]))
@@ -357,6 +369,7 @@ def read_coco_detection(
         raise DetectionDataError(f"{source}: 'annotations' must be a list")
 
     categories = DetectionCategories.from_coco(data["categories"], source=source)
+    json_counts = _json_counts(data["images"], annotations)
     report = DataValidationReport(source)
     images = _validate_images(data["images"], report)
     if image_dir is None:
@@ -401,7 +414,20 @@ def read_coco_detection(
         labels=np.array([label_of[a["category_id"]] for a in kept], dtype=np.int64),
         areas=np.array([a["area"] for a in kept], dtype=np.float64),
         iscrowd=np.array([a["iscrowd"] for a in kept], dtype=np.int64),
+        json_counts=json_counts,
     )
+
+
+def _json_counts(images: list[Any], annotations: list[Any]) -> dict[str, int]:
+    """Images, annotations, crowd regions and empty images of an annotation file as written (before validation)."""
+    image_ids = {image.get("id") for image in images if isinstance(image, dict)}
+    annotated = {a.get("image_id") for a in annotations if isinstance(a, dict)}
+    return {
+        "images": len(images),
+        "annotations": len(annotations),
+        "crowd": sum(1 for a in annotations if isinstance(a, dict) and a.get("iscrowd")),
+        "empty_images": len(image_ids - annotated),
+    }
 
 
 def _is_int(value: Any) -> bool:
