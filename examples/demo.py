@@ -50,11 +50,11 @@ def common_arguments(data_dir: Path, output_dir: Path, steps: int, batch_size: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo")
-    parser.add_argument("--num_images", type=int, default=400, help="synthetic images (train + val)")
-    parser.add_argument("--image_size", type=int, default=160, help="synthetic image size and training resize")
-    parser.add_argument("--teacher_steps", type=int, default=500)
-    parser.add_argument("--student_steps", type=int, default=300)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--num_images", type=int, default=300, help="synthetic images (train + val)")
+    parser.add_argument("--image_size", type=int, default=128, help="synthetic image size and training resize")
+    parser.add_argument("--teacher_steps", type=int, default=200)
+    parser.add_argument("--student_steps", type=int, default=120)
+    parser.add_argument("--batch_size", type=int, default=4)
     args = parser.parse_args()
 
     start = time.time()
