@@ -40,13 +40,15 @@ OnInvalid = Literal["raise", "skip"]
 BoxFormat = Literal["xywh", "xyxy", "cxcywh"]
 
 # Kinds of problems that make an image or an annotation unusable: raised, or skipped with `on_invalid="skip"`.
-INVALID_KINDS = (
+IMAGE_INVALID_KINDS = (
     "image_missing_field",
     "image_bad_size",
     "duplicate_image_id",
     "missing_image_file",
     "unreadable_image",
     "image_size_mismatch",
+)
+ANNOTATION_INVALID_KINDS = (
     "annotation_missing_field",
     "annotation_bad_bbox",
     "annotation_unknown_image",
@@ -54,6 +56,7 @@ INVALID_KINDS = (
     "duplicate_annotation_id",
     "annotation_of_skipped_image",
 )
+INVALID_KINDS = IMAGE_INVALID_KINDS + ANNOTATION_INVALID_KINDS
 # Kinds of problems that are kept in the data (ground truth stays as pycocotools reads it) and reported.
 WARNING_KINDS = ("box_outside_image", "degenerate_box", "area_missing")
 

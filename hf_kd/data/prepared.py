@@ -34,6 +34,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .coco import (
+    ANNOTATION_INVALID_KINDS,
+    IMAGE_INVALID_KINDS,
     INVALID_KINDS,
     CocoDetectionSource,
     DataValidationReport,
@@ -51,14 +53,6 @@ INDEX_NAME = "_hf_kd_index.npz"
 ROW_GROUP_SIZE = 256
 FORMAT_VERSION = 1
 COUNT_NAMES = ("images", "annotations", "crowd", "empty_images")
-_IMAGE_KINDS = (
-    "image_missing_field",
-    "image_bad_size",
-    "duplicate_image_id",
-    "missing_image_file",
-    "unreadable_image",
-    "image_size_mismatch",
-)
 
 
 @dataclass(frozen=True)
@@ -372,8 +366,8 @@ def _verify(output_dir: Path, names: list[str], source: CocoDetectionSource) -> 
     if not np.array_equal(np.concatenate(image_ids) if image_ids else np.zeros(0), source.image_ids):
         problems.append("the shards' image ids are not the annotation file's, in order")
     json_counts, report = source.json_counts, source.report
-    skipped_images = sum(report.counts[kind] for kind in _IMAGE_KINDS)
-    skipped_annotations = sum(report.counts[kind] for kind in INVALID_KINDS if kind not in _IMAGE_KINDS)
+    skipped_images = sum(report.counts[kind] for kind in IMAGE_INVALID_KINDS)
+    skipped_annotations = sum(report.counts[kind] for kind in ANNOTATION_INVALID_KINDS)
     if counts["images"] + skipped_images != json_counts["images"]:
         problems.append(f"{counts['images']} images + {skipped_images} skipped != {json_counts['images']} in the json")
     if counts["annotations"] + skipped_annotations != json_counts["annotations"]:
