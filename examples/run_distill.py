@@ -20,6 +20,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import datasets
 import transformers
 from transformers import AutoModelForObjectDetection, HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
@@ -32,6 +33,8 @@ from hf_kd.data import (
     get_id2label,
     load_coco_detection,
     load_detection_dataset,
+    load_prepared_coco_detection,
+    prepare_coco_detection,
 )
 from hf_kd.distill import DistillationArguments, DistillationTrainer, coco_compute_metrics
 from hf_kd.metrics import build_coco_ground_truth
@@ -73,6 +76,13 @@ class DataArguments:
         default=None, metadata={"help": "Also evaluate the final model on this split (metrics prefixed test_)."}
     )
     streaming: bool = field(default=True, metadata={"help": "Stream the training set (IterableDataset)."})
+    prepared_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "COCO-size local datasets: prepare the training json once into parquet shards in this folder "
+            "(resumable, counts verified) and stream from them, with memory that does not grow with the dataset."
+        },
+    )
     num_shards: int | None = field(
         default=None,
         metadata={
@@ -119,11 +129,20 @@ def load_evaluation_split(data_args: DataArguments, split: str):
     return dataset, ground_truth
 
 
-def load_data(data_args: DataArguments, seed: int):
+def load_data(data_args: DataArguments, training_args: DistillationArguments):
     """Training and evaluation datasets, `id2label`, and the evaluation ground truth (COCO json path or dict)."""
     if (data_args.data_dir is None) == (data_args.dataset_name is None):
         raise ValueError("Give exactly one of --data_dir (local COCO folder) and --dataset_name (Hub dataset).")
-    if data_args.data_dir is not None:
+    if data_args.prepared_dir is not None:
+        if data_args.data_dir is None:
+            raise ValueError("--prepared_dir prepares a local COCO folder: give --data_dir.")
+        annotation_file = find_coco_annotation_file(data_args.data_dir, data_args.train_split)
+        with training_args.main_process_first(desc="preparing the training set"):  # the others reuse its shards
+            prepared = prepare_coco_detection(
+                annotation_file, data_args.prepared_dir, num_shards=data_args.num_shards, split=data_args.train_split
+            )
+        train_dataset = load_prepared_coco_detection(prepared)
+    elif data_args.data_dir is not None:
         train_dataset = load_coco_detection(
             data_args.data_dir, data_args.train_split, streaming=data_args.streaming, num_shards=data_args.num_shards
         )
@@ -134,8 +153,8 @@ def load_data(data_args: DataArguments, seed: int):
     eval_dataset = ground_truth = None
     if data_args.eval_split:
         eval_dataset, ground_truth = load_evaluation_split(data_args, data_args.eval_split)
-    if data_args.streaming:
-        train_dataset = train_dataset.shuffle(seed=seed, buffer_size=1000)
+    if isinstance(train_dataset, datasets.IterableDataset):
+        train_dataset = train_dataset.shuffle(seed=training_args.seed, buffer_size=1000)
     return train_dataset, eval_dataset, get_id2label(train_dataset), ground_truth
 
 
@@ -175,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
 
-    train_dataset, eval_dataset, id2label, ground_truth = load_data(data_args, training_args.seed)
+    train_dataset, eval_dataset, id2label, ground_truth = load_data(data_args, training_args)
     teacher = None
     if training_args.kd_method != "none":
         if model_args.teacher_model_name_or_path is None:

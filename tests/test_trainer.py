@@ -751,3 +751,17 @@ def test_bf16_autocast_runs_teacher_and_student_in_bf16_with_float32_losses(
     for entry in train_logs(tmp_path / "out"):
         assert_components_add_up(entry, GFL_LOSSES | KD_LOSSES["crosskd"])
     assert all(f"eval_{name}" in metrics for name in COCO_STAT_NAMES)
+
+
+def test_prepared_training_set_trains_from_parquet_shards(coco_dir, teacher_dir, tmp_path):
+    """`--prepared_dir` prepares the training json once into verified parquet shards and trains from them."""
+    prepared_dir, output_dir = tmp_path / "prepared", tmp_path / "run"
+    args = base_args(coco_dir, output_dir, "--kd_method", "crosskd", "--teacher_model_name_or_path", str(teacher_dir))
+    args += ["--prepared_dir", str(prepared_dir), "--num_shards", "2", "--max_steps", "2", "--save_strategy", "no"]
+    metrics = run_distill.main(args + ["--max_eval_samples", "2"])
+    assert len(list(prepared_dir.glob("train-*.parquet"))) == 2
+    manifest = json.loads((prepared_dir / "hf_kd_prepared.json").read_text())
+    assert manifest["counts"]["images"] == NUM_TRAIN
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "loss_cls_kd" in entry] == [1, 2]
+    assert set(COCO_STAT_NAMES) <= {name.removeprefix("eval_") for name in metrics}
