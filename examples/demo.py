@@ -52,8 +52,8 @@ def main() -> None:
     parser.add_argument("--output_dir", default="outputs/demo")
     parser.add_argument("--num_images", type=int, default=300, help="synthetic images (train + val)")
     parser.add_argument("--image_size", type=int, default=128, help="synthetic image size and training resize")
-    parser.add_argument("--teacher_steps", type=int, default=400)
-    parser.add_argument("--student_steps", type=int, default=240)
+    parser.add_argument("--teacher_steps", type=int, default=200)
+    parser.add_argument("--student_steps", type=int, default=120)
     parser.add_argument("--batch_size", type=int, default=4)
     args = parser.parse_args()
 
