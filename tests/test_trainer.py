@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForObjectDetection, TrainerCallback, pipeline
 
 from hf_kd import GFLConfig, GFLForObjectDetection, GFLImageProcessor
+from hf_kd.data import get_id2label
 from hf_kd.data.synthetic import CLASS_NAMES, generate_synthetic_coco
 from hf_kd.distill import DistillationArguments, DistillationTrainer, GFLDistillationLoss, coco_compute_metrics
 from hf_kd.metrics import COCO_STAT_NAMES
@@ -586,7 +587,8 @@ def test_two_process_accelerate_launch_matches_one_process_evaluation(coco_dir, 
     two_process = json.loads((output_dir / "eval_results.json").read_text())
     assert two_process["eval_mar_100"] > 0, "no detections: the comparison would be vacuous"
     data_args = run_distill.DataArguments(data_dir=str(coco_dir), max_eval_samples=7)
-    _, eval_dataset, id2label, ground_truth = run_distill.load_data(data_args, seed=0)
+    eval_dataset, ground_truth = run_distill.load_evaluation_split(data_args, "val")
+    id2label = get_id2label(eval_dataset)
     processor = GFLImageProcessor.from_pretrained(output_dir)
     trainer = DistillationTrainer(
         model=AutoModelForObjectDetection.from_pretrained(output_dir),
