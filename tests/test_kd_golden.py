@@ -128,3 +128,19 @@ def test_crosskd_gradients_reach_student_and_spare_teacher(golden):
     for name, value in teacher.state_dict().items():
         assert torch.equal(value, teacher_before[name]), name
     student.eval()
+
+
+def test_crosskd_is_finite_with_one_value_per_channel():
+    """Batch 1 with a 1x1 pyramid level: a single value per channel has std 0, not NaN."""
+    config = small_config()
+    student, teacher = GFLForObjectDetection(config).train(), GFLForObjectDetection(config).eval()
+    pixel_values = torch.randn(1, 3, 96, 128)  # P7 is 1x1
+    outputs = student(pixel_values, tower_state_index=3, output_detections=False)
+    with torch.no_grad():
+        teacher_outputs = teacher(pixel_values, tower_state_index=3, output_detections=False)
+    assert outputs.spatial_shapes[-1] == (1, 1)
+    labels = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "class_labels": torch.tensor([1])}]
+    targets = assign_targets(outputs, labels)
+    loss = GFLDistillationLoss(DistillationConfig.from_method("crosskd+pkd"), config, config)
+    losses = loss(outputs, teacher_outputs, targets, teacher.head)
+    assert all(torch.isfinite(value).all() for value in losses.values())

@@ -96,17 +96,26 @@ class DistillationConfig:
         return replace(presets[method], **{key: value for key, value in overrides.items() if value is not None})
 
 
+def channel_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and unbiased std over batch and positions, `(1, C, 1, 1)` each; std 0 (not NaN) where a
+    channel has one value (batch 1 on a 1x1 level). Two passes: on CPU much faster than `Tensor.std`, as exact."""
+    mean = features.mean(dim=(0, 2, 3), keepdim=True)
+    count = features.numel() // features.shape[1]
+    if count == 1:
+        return mean, torch.zeros_like(mean)
+    variance = (features - mean).square().sum(dim=(0, 2, 3), keepdim=True) / (count - 1)
+    return mean, variance.sqrt()
+
+
 def standardize(features: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-channel standardisation over batch and positions (unbiased std, `eps` added to it)."""
-    mean = features.mean(dim=(0, 2, 3), keepdim=True)
-    std = features.transpose(0, 1).flatten(1).std(dim=1)[None, :, None, None]
+    mean, std = channel_statistics(features)
     return (features - mean) / (std + eps)
 
 
 def align_to(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """`features` re-standardised per channel to the mean and (unbiased) std of `reference` (CrossKD)."""
-    mean = reference.mean(dim=(0, 2, 3), keepdim=True)
-    std = reference.transpose(0, 1).flatten(1).std(dim=1)[None, :, None, None]
+    mean, std = channel_statistics(reference)
     return standardize(features) * std + mean
 
 
