@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ class ModelArguments:
     student_fpn_channels: int | None = field(default=None, metadata={"help": "Default: the teacher's (or 256)."})
     student_head_channels: int | None = field(default=None, metadata={"help": "Default: the teacher's (or 256)."})
     student_stacked_convs: int | None = field(default=None, metadata={"help": "Default: the teacher's (or 4)."})
+    student_norm_groups: int | None = field(
+        default=None,
+        metadata={"help": "GroupNorm groups of the head. Default: gcd(head width, the teacher's groups or 32)."},
+    )
     backbone_checkpoint: str | None = field(
         default=None, metadata={"help": "Local timm weights (.pth/.safetensors) for the new student's backbone."}
     )
@@ -168,11 +173,13 @@ def build_student(
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
         )
     defaults = teacher.config if teacher is not None else GFLConfig()
+    head_channels = model_args.student_head_channels or defaults.head_channels
     config = GFLConfig(
         backbone=model_args.student_backbone,
         backbone_frozen_stages=model_args.backbone_frozen_stages,
         fpn_channels=model_args.student_fpn_channels or defaults.fpn_channels,
-        head_channels=model_args.student_head_channels or defaults.head_channels,
+        head_channels=head_channels,
+        norm_groups=model_args.student_norm_groups or math.gcd(head_channels, defaults.norm_groups),
         stacked_convs=model_args.student_stacked_convs or defaults.stacked_convs,
         reg_max=defaults.reg_max,
         strides=defaults.strides,
