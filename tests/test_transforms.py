@@ -4,6 +4,7 @@ import logging
 
 import numpy as np
 import PIL.Image
+import pyarrow as pa
 import pytest
 import torch
 
@@ -157,3 +158,20 @@ def test_training_batches_are_deterministic_across_workers_and_change_with_epoch
         assert any(
             single[i][1].shape != other[i][1].shape or not torch.equal(single[i][1], other[i][1]) for i in single
         )
+
+
+class _ArrowPoolProbe(DetectionCollator):
+    def __call__(self, examples):
+        return {**super().__call__(examples), "arrow_pool": pa.default_memory_pool().backend_name}
+
+
+def test_workers_hand_freed_memory_back_and_the_main_process_is_left_alone(synthetic_source, processor):
+    dataset = synthetic_source.to_iterable_dataset(num_shards=2)
+    main_pool = pa.default_memory_pool().backend_name
+    collator = _ArrowPoolProbe(processor)
+    in_workers = {
+        batch["arrow_pool"] for batch in torch.utils.data.DataLoader(dataset, 4, num_workers=2, collate_fn=collator)
+    }
+    assert in_workers == {"system"}
+    in_main = {batch["arrow_pool"] for batch in torch.utils.data.DataLoader(dataset, 4, collate_fn=collator)}
+    assert in_main == {main_pool} and pa.default_memory_pool().backend_name == main_pool
