@@ -3,7 +3,8 @@
 On BCCD (blood cells, 3 classes; train / val / test) a GFL teacher with an ImageNet-pretrained EfficientNet-Lite2
 backbone is trained once; then the student (EfficientNet-Lite0 backbone, narrower FPN/head) is trained with each
 method (`none`, `crosskd`, `crosskd+pkd`, `bckd`) with the same schedule and seeds. The same is done on the synthetic
-dataset with ResNet backbones from scratch. Every run goes through `examples/run_distill.py`, as a user's would.
+dataset (`hf_kd.data.synthetic`, 160 px). Every run is an `examples/run_distill.py` process, as a user's would be;
+`--jobs` of them run at a time.
 
 Prints and writes (`--output_dir`): a Markdown table of the 12 COCO numbers on val and test (mean and std over the
 seeds) per method and dataset, `results.json`, and `accuracy.png` (AP per method with error bars; val AP over
@@ -20,21 +21,21 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from run_distill import main as run_distill  # noqa: E402
-
-from hf_kd.data.synthetic import generate_synthetic_coco  # noqa: E402
-from hf_kd.metrics import COCO_STAT_NAMES  # noqa: E402
+from hf_kd.data.synthetic import generate_synthetic_coco
+from hf_kd.metrics import COCO_STAT_NAMES
 
 METHODS = ("none", "crosskd", "crosskd+pkd", "bckd")
+RUN_DISTILL = Path(__file__).resolve().parents[1] / "examples" / "run_distill.py"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -54,7 +55,7 @@ class Setup:
     image_size: int
     batch_size: int
     learning_rate: float
-    eval_every: int
+    student_eval_every: int  # the teacher is evaluated once, at the end
     frozen_stages: int
 
 
@@ -64,6 +65,7 @@ class Preset:
     seeds: tuple[int, ...]
     device_arguments: tuple[str, ...]
     synthetic_images: int
+    jobs: int  # runs at a time, each in its own process with an equal share of the CPU cores
 
 
 BCCD = Setup(
@@ -74,62 +76,61 @@ BCCD = Setup(
     student_width=48,
     teacher_weights="lite2",
     student_weights="lite0",
-    teacher_steps=600,
-    student_steps=300,
+    teacher_steps=400,
+    student_steps=120,
     image_size=256,
     batch_size=8,
     learning_rate=2e-3,
-    eval_every=100,
-    frozen_stages=1,
+    student_eval_every=60,
+    frozen_stages=3,
 )
-SYNTHETIC = Setup(
-    name="synthetic",
-    teacher_backbone="resnet18",
-    teacher_width=64,
-    student_backbone="resnet10t",
-    student_width=32,
-    teacher_weights=None,
-    student_weights=None,
-    teacher_steps=600,
-    student_steps=300,
-    image_size=160,
-    batch_size=8,
-    learning_rate=2e-3,
-    eval_every=100,
-    frozen_stages=-1,
+SYNTHETIC = replace(
+    BCCD, name="synthetic", teacher_steps=300, student_steps=150, student_eval_every=50, image_size=160
 )
 PRESETS = {
-    "cpu-mini": Preset((BCCD, SYNTHETIC), seeds=(0, 1, 2), device_arguments=("--use_cpu",), synthetic_images=500),
+    "cpu-mini": Preset(
+        (BCCD, SYNTHETIC), seeds=(0, 1, 2), device_arguments=("--use_cpu",), synthetic_images=500, jobs=2
+    ),
+    # Not run yet (no GPU so far): the step counts are estimates for a 9-minute budget on one H100.
     "gpu-full": Preset(
         (
-            replace(BCCD, teacher_steps=3000, student_steps=1500, image_size=480, batch_size=16, eval_every=250),
-            replace(SYNTHETIC, teacher_steps=3000, student_steps=1500, image_size=320, batch_size=16, eval_every=250),
+            replace(
+                BCCD, teacher_steps=2000, student_steps=800, image_size=480, batch_size=16, student_eval_every=200
+            ),
+            replace(
+                SYNTHETIC, teacher_steps=2000, student_steps=800, image_size=320, batch_size=16, student_eval_every=200
+            ),
         ),
         seeds=(0, 1, 2),
-        device_arguments=("--bf16", "--dataloader_num_workers", "8"),
+        device_arguments=("--bf16", "--dataloader_num_workers", "3"),
         synthetic_images=2000,
+        jobs=4,  # small detectors leave an H100 mostly idle: four runs share it
     ),
     # A few steps of everything, for the smoke test.
     "smoke": Preset(
         (
             replace(
                 SYNTHETIC,
-                name="synthetic",
+                teacher_weights=None,
+                student_weights=None,
                 teacher_steps=2,
                 student_steps=2,
                 image_size=96,
                 batch_size=2,
-                eval_every=1,
+                student_eval_every=1,
             ),
-        ),  # fmt: skip
+        ),
         seeds=(0,),
         device_arguments=("--use_cpu",),
         synthetic_images=12,
+        jobs=2,
     ),
 }
 
 
-def run_arguments(setup: Setup, data_dir: Path, output_dir: Path, steps: int, seed: int, preset: Preset) -> list[str]:
+def run_arguments(
+    setup: Setup, data_dir: Path, output_dir: Path, steps: int, eval_steps: int, seed: int, preset: Preset
+) -> list[str]:
     """`run_distill.py` arguments shared by the teacher and the students of `setup`."""
     report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
     return [
@@ -152,7 +153,7 @@ def run_arguments(setup: Setup, data_dir: Path, output_dir: Path, steps: int, se
         "--backbone_frozen_stages", str(setup.frozen_stages),
         "--logging_steps", str(max(steps // 20, 1)),
         "--eval_strategy", "steps",
-        "--eval_steps", str(setup.eval_every),
+        "--eval_steps", str(eval_steps),
         "--save_strategy", "no",
         "--report_to", report_to,
         "--seed", str(seed),
@@ -200,30 +201,37 @@ def summarize(runs: list[dict], split: str) -> dict[str, tuple[float, float]]:
     return {name: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for name, v in values.items()}
 
 
-def markdown(results: dict, preset_name: str, device: str) -> str:
+def markdown(results: dict, teachers: dict, preset_name: str, device: str) -> str:
     lines = [f"## Accuracy ({preset_name}, {device})", ""]
     for dataset, methods in results.items():
         for split in ("val", "test"):
             if methods["none"]["summary"].get(split) is None:
                 continue
-            lines += [f"### {dataset} {split} (mean ± std over {len(methods['none']['runs'])} seeds)", ""]
-            lines += ["| method | " + " | ".join(COCO_STAT_NAMES) + " | ΔAP vs none |"]
+            num_seeds = len(methods["none"]["runs"])
+            teacher_ap = 100 * teachers[dataset][split]["map"]
+            lines += [f"### {dataset} {split} (mean ± std over {num_seeds} seeds; teacher AP {teacher_ap:.1f})", ""]
+            lines += ["| method | " + " | ".join(COCO_STAT_NAMES) + " | ΔAP vs none (relative) |"]
             lines += ["| --- |" + " ---: |" * (len(COCO_STAT_NAMES) + 1)]
             baseline_mean, baseline_std = methods["none"]["summary"][split]["map"]
             for method, entry in methods.items():
                 summary = entry["summary"][split]
-                cells = [f"{100 * mean:.1f} ± {100 * std:.1f}" for mean, std in summary.values()]
+                cells = [
+                    f"{100 * mean:.1f} ± {100 * std:.1f}" if mean >= 0 else "n/a" for mean, std in summary.values()
+                ]
                 mean, std = summary["map"]
-                delta = 100 * (mean - baseline_mean)
-                significant = method != "none" and (mean - baseline_mean) > 2 * max(std, baseline_std)
-                gain = "" if method == "none" else f"{delta:+.1f}{' (> 2 std)' if significant else ''}"
+                significant = num_seeds > 1 and mean - baseline_mean > 2 * max(std, baseline_std)
+                gain = (
+                    f"{100 * (mean - baseline_mean):+.1f} ({mean / baseline_mean - 1:+.0%})" if baseline_mean else ""
+                )
+                gain = "" if method == "none" else gain + (", > 2 std" if significant else "")
                 lines.append(f"| {method} | " + " | ".join(cells) + f" | {gain} |")
             lines.append("")
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> bool:
-    """Bar chart of AP per method (val and test, error bars) and val AP over steps; False without matplotlib."""
+def plot(results: dict, teachers: dict, path: Path) -> bool:
+    """Bar chart of AP per method (val and test, error bars; the teacher's val AP dashed) and val AP over steps; False
+    without matplotlib."""
     if importlib.util.find_spec("matplotlib") is None:
         return False
     import matplotlib
@@ -241,6 +249,7 @@ def plot(results: dict, path: Path) -> bool:
             stds = [100 * methods[m]["summary"][split]["map"][1] for m in methods]
             positions = [index + 0.4 * offset for index in range(len(methods))]
             bars.bar(positions, means, width=0.4, yerr=stds, capsize=4, label=split)
+        bars.axhline(100 * teachers[dataset]["val"]["map"], color="gray", linestyle="--", label="teacher (val)")
         bars.set_xticks([index + 0.2 for index in range(len(methods))], list(methods))
         bars.set_ylabel("AP")
         bars.set_title(f"{dataset}: student AP per method")
@@ -258,57 +267,114 @@ def plot(results: dict, path: Path) -> bool:
     return True
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Run:
+    """One `examples/run_distill.py` call, started once the run writing `after` (its teacher) has finished."""
+
+    output_dir: Path
+    arguments: list[str]
+    after: Path | None = None
+
+
+def launch(runs: list[Run], jobs: int, start: float) -> None:
+    """Runs `examples/run_distill.py` for each run, as a user would, `jobs` at a time in the given order (as soon as
+    its teacher is trained), each process with an equal share of the CPU cores and its log in `<output_dir>.log`."""
+    environment = {**os.environ, "OMP_NUM_THREADS": str(max(1, available_cores() // jobs))}
+    pending, running, finished = list(runs), {}, set()
+    while pending or running:
+        for run in [run for run in pending if run.after is None or run.after in finished][: jobs - len(running)]:
+            pending.remove(run)
+            run.output_dir.parent.mkdir(parents=True, exist_ok=True)
+            log = run.output_dir.parent / f"{run.output_dir.name}.log"
+            command = [sys.executable, str(RUN_DISTILL), *run.arguments]
+            with log.open("w") as output:
+                process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
+            running[run.output_dir] = (process, log)
+            print(f"[{time.time() - start:.0f}s] started {run.output_dir}", flush=True)
+        time.sleep(0.5)
+        for output_dir, (process, log) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[output_dir]
+            if process.returncode != 0:
+                for other, _ in running.values():
+                    other.kill()
+                raise RuntimeError(f"{output_dir} failed with exit code {process.returncode}; its log: {log}")
+            finished.add(output_dir)
+            print(f"[{time.time() - start:.0f}s] finished {output_dir}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-mini")
     parser.add_argument("--output_dir", default="outputs/accuracy")
     parser.add_argument("--datasets", nargs="+", default=None, help="subset of the preset's datasets")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="subset (with none)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="instead of the preset's seeds")
+    parser.add_argument("--jobs", type=int, default=None, help="runs at a time instead of the preset's")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
+    setups = [setup for setup in preset.setups if not args.datasets or setup.name in args.datasets]
+    methods = ("none", *(method for method in args.methods if method != "none"))  # the baseline is always run
+    seeds = args.seeds or preset.seeds
+    jobs = args.jobs or preset.jobs
     output_dir = Path(args.output_dir)
     start = time.time()
 
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.preset != "cpu-mini" else "CPU"
-    results = {}
-    for setup in preset.setups:
-        if args.datasets and setup.name not in args.datasets:
-            continue
-        data_dir = dataset_dir(setup, preset, output_dir)
+    if "--use_cpu" in preset.device_arguments or not torch.cuda.is_available():
+        device = f"CPU, {available_cores()} cores"
+    else:
+        device = torch.cuda.get_device_name()
+    data_dirs = {setup.name: dataset_dir(setup, preset, output_dir) for setup in setups}
+    teacher_runs, baselines, students = [], [], []
+    for setup in setups:
         teacher_dir = output_dir / setup.name / "teacher"
-        if not (teacher_dir / "model.safetensors").is_file():
-            print(f"[{time.time() - start:.0f}s] {setup.name}: training the teacher", flush=True)
-            run_distill(
-                ["--kd_method", "none"]
-                + backbone_arguments(setup.teacher_backbone, setup.teacher_width, setup.teacher_weights)
-                + run_arguments(setup, data_dir, teacher_dir, setup.teacher_steps, 0, preset)
+        train_teacher = not (teacher_dir / "model.safetensors").is_file()
+        if train_teacher:
+            arguments = backbone_arguments(setup.teacher_backbone, setup.teacher_width, setup.teacher_weights)
+            arguments += run_arguments(
+                setup, data_dirs[setup.name], teacher_dir, setup.teacher_steps, setup.teacher_steps, 0, preset
             )
-        methods = {}
-        for method in METHODS:
-            runs = []
-            for seed in preset.seeds:
-                run_dir = output_dir / setup.name / f"{method}_seed{seed}"
-                if not (run_dir / "all_results.json").is_file():
-                    print(f"[{time.time() - start:.0f}s] {setup.name}: {method}, seed {seed}", flush=True)
-                    teacher = [] if method == "none" else ["--teacher_model_name_or_path", str(teacher_dir)]
-                    run_distill(
-                        ["--kd_method", method, *teacher]
-                        + backbone_arguments(setup.student_backbone, setup.student_width, setup.student_weights)
-                        + run_arguments(setup, data_dir, run_dir, setup.student_steps, seed, preset)
-                    )
-                runs.append(read_run(run_dir))
-            summary = {"val": summarize(runs, "val"), "test": summarize(runs, "test") if runs[0]["test"] else None}
-            methods[method] = {"runs": runs, "summary": summary}
-        results[setup.name] = methods
+            teacher_runs.append(Run(teacher_dir, ["--kd_method", "none", *arguments]))
+        for method, seed in itertools.product(methods, seeds):
+            run_dir = output_dir / setup.name / f"{method}_seed{seed}"
+            if (run_dir / "all_results.json").is_file():
+                continue
+            arguments = backbone_arguments(setup.student_backbone, setup.student_width, setup.student_weights)
+            arguments += run_arguments(
+                setup, data_dirs[setup.name], run_dir, setup.student_steps, setup.student_eval_every, seed, preset
+            )
+            if method == "none":
+                baselines.append(Run(run_dir, ["--kd_method", "none", *arguments]))
+            else:
+                teacher = ["--teacher_model_name_or_path", str(teacher_dir)]
+                after = teacher_dir if train_teacher else None
+                students.append(Run(run_dir, ["--kd_method", method, *teacher, *arguments], after=after))
+    launch(teacher_runs + baselines + students, jobs, start)
 
-    table = markdown(results, args.preset, device)
-    table += f"\nTotal time: {time.time() - start:.0f} s.\n"
+    results, teachers = {}, {}
+    for setup in setups:
+        teachers[setup.name] = read_run(output_dir / setup.name / "teacher")
+        results[setup.name] = {}
+        for method in methods:
+            runs = [read_run(output_dir / setup.name / f"{method}_seed{seed}") for seed in seeds]
+            summary = {"val": summarize(runs, "val"), "test": summarize(runs, "test") if runs[0]["test"] else None}
+            results[setup.name][method] = {"runs": runs, "summary": summary}
+
+    table = markdown(results, teachers, args.preset, device)
+    trained = len(teacher_runs + baselines + students)
+    table += f"\nThis call: {time.time() - start:.0f} s, {trained} runs trained ({jobs} at a time), others reused.\n"
     print("\n" + table)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.md").write_text(table)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-    if plot(results, output_dir / "accuracy.png"):
+    (output_dir / "results.json").write_text(json.dumps({"teachers": teachers, "students": results}, indent=2))
+    if plot(results, teachers, output_dir / "accuracy.png"):
         print(f"Plot: {output_dir / 'accuracy.png'}")
     return results
 

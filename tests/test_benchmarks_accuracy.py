@@ -23,4 +23,4 @@ def test_accuracy_benchmark_smoke(tmp_path):
         assert entry["runs"][0]["curve"], "no evaluation during training"
     table = (tmp_path / "results.md").read_text()
     assert "| crosskd+pkd |" in table and "ΔAP vs none" in table
-    assert json.loads((tmp_path / "results.json").read_text())["synthetic"]["bckd"]["runs"]
+    assert json.loads((tmp_path / "results.json").read_text())["students"]["synthetic"]["bckd"]["runs"]
