@@ -4,11 +4,11 @@ import logging
 
 import numpy as np
 import PIL.Image
-import pyarrow as pa
 import pytest
 import torch
 
 from hf_kd.data import DetectionCollator, DetectionDataError, DetectionTransform, read_coco_detection
+from hf_kd.data import collator as collator_module
 from hf_kd.data.synthetic import generate_synthetic_coco
 from hf_kd.models.gfl.image_processing_gfl import GFLImageProcessor, get_resize_output_size
 
@@ -160,18 +160,17 @@ def test_training_batches_are_deterministic_across_workers_and_change_with_epoch
         )
 
 
-class _ArrowPoolProbe(DetectionCollator):
+class _WorkerMemoryProbe(DetectionCollator):
     def __call__(self, examples):
-        return {**super().__call__(examples), "arrow_pool": pa.default_memory_pool().backend_name}
+        return {**super().__call__(examples), "configured": collator_module._worker_memory_configured}
 
 
 def test_workers_hand_freed_memory_back_and_the_main_process_is_left_alone(synthetic_source, processor):
     dataset = synthetic_source.to_iterable_dataset(num_shards=2)
-    main_pool = pa.default_memory_pool().backend_name
-    collator = _ArrowPoolProbe(processor)
+    collator = _WorkerMemoryProbe(processor)
     in_workers = {
-        batch["arrow_pool"] for batch in torch.utils.data.DataLoader(dataset, 4, num_workers=2, collate_fn=collator)
+        batch["configured"] for batch in torch.utils.data.DataLoader(dataset, 4, num_workers=2, collate_fn=collator)
     }
-    assert in_workers == {"system"}
-    in_main = {batch["arrow_pool"] for batch in torch.utils.data.DataLoader(dataset, 4, collate_fn=collator)}
-    assert in_main == {main_pool} and pa.default_memory_pool().backend_name == main_pool
+    assert in_workers == {True}
+    in_main = {batch["configured"] for batch in torch.utils.data.DataLoader(dataset, 4, collate_fn=collator)}
+    assert in_main == {False} and not collator_module._worker_memory_configured
