@@ -247,7 +247,9 @@ def train_step(
 ) -> Callable[[], None]:
     """One optimizer step as `DistillationTrainer` trains (method `none`: the student alone): the model and an SGD
     optimizer (the papers' lr 0.01, momentum 0.9, weight decay 1e-4) prepared by the trainer's accelerator (autocast
-    to `--dtype` with float32 outputs, fp16 gradient scaling), `compute_loss`, `accelerator.backward`, the step."""
+    to `--dtype` with float32 outputs, fp16 gradient scaling), `compute_loss`, `accelerator.backward`, the step.
+    Left out: what the Trainer's loop does after the backward pass, where it waits for the device anyway (its NaN
+    filter of the logged loss, and `DistillationTrainer`'s check for non-finite loss components)."""
     training_args = DistillationArguments(
         output_dir=workdir,
         kd_method=method,

@@ -195,6 +195,7 @@ class DistillationTrainer(Trainer):
             self.teacher = teacher.eval().requires_grad_(False).to(self.accelerator.device)
         self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._loss_counts = defaultdict(int)
+        self._step_losses: dict[str, torch.Tensor] = {}  # the last training forward's loss components
 
     def _init_training_state(
         self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
@@ -250,13 +251,22 @@ class DistillationTrainer(Trainer):
             losses = {name: value.sum() for name, value in terms.items()}
         loss = sum(losses.values())
         if model.training:
-            self._check_finite(losses)
+            self._step_losses = losses
         self._accumulate_losses("train" if model.training else "eval", losses)
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._check_finite(self._step_losses)
+        return loss
+
     def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
         """Stops training, on every process at once, when a loss component is NaN or infinite on any process (the
-        Trainer would otherwise step on it and only leave it out of the logged loss)."""
+        Trainer would otherwise step on it and only leave it out of the logged loss).
+
+        Checked after the backward pass and before the optimizer step, where the Trainer waits for the step's loss
+        anyway (its own NaN filter), so that the check adds no wait for the device between forward and backward.
+        """
         not_finite = torch.stack([~value.detach().isfinite() for value in losses.values()]).float()
         if self.accelerator.num_processes > 1:
             not_finite = self.accelerator.reduce(not_finite, reduction="sum")
