@@ -157,18 +157,18 @@ class CocoDetectionMAP(evaluate.Metric):
         coco_gt = self.ground_truth
         category_ids = sorted(coco_gt.getCatIds())
         names = [coco_gt.cats[category_id]["name"] for category_id in category_ids]
-        if not isinstance(predictions, DetectionArrays):
+        if isinstance(predictions, DetectionArrays):
+            if image_ids is None:
+                raise ValueError("pass the evaluated image_ids with DetectionArrays")
+        else:
             predictions = list(predictions)
             if image_ids is None:
                 image_ids = [int(p["image_id"]) for p in predictions]
-        elif image_ids is None:
-            raise ValueError("pass the evaluated image_ids with DetectionArrays")
+            predictions = DetectionArrays.from_predictions(predictions, dict(enumerate(category_ids)))
         image_ids = sorted({int(i) for i in image_ids})
         unknown = [image_id for image_id in image_ids if image_id not in coco_gt.imgs]
         if unknown:
             raise ValueError(f"predictions for image ids not in the ground truth: {unknown[:10]}")
-        if not isinstance(predictions, DetectionArrays):
-            predictions = DetectionArrays.from_predictions(predictions, dict(enumerate(category_ids)))
         missing = np.setdiff1d(predictions.image_ids, np.asarray(image_ids, dtype=np.int64))
         if len(missing):
             raise ValueError(f"detections for image ids not among image_ids: {missing[:10].tolist()}")
