@@ -191,7 +191,7 @@ def read_run(run_dir: Path) -> dict:
     return {
         "val": {name: results[f"eval_{name}"] for name in COCO_STAT_NAMES},
         "test": {name: results[f"test_{name}"] for name in COCO_STAT_NAMES} if "test_map" in results else None,
-        "curve": [(entry["step"], entry["eval_map"]) for entry in evaluations],
+        "curve": sorted({entry["step"]: entry["eval_map"] for entry in evaluations}.items()),  # the final eval repeats
     }
 
 
