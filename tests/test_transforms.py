@@ -1,5 +1,6 @@
 """Detection transforms and the collator: output contract, parity with the image processor, determinism, clipping."""
 
+import gc
 import logging
 
 import numpy as np
@@ -162,15 +163,19 @@ def test_training_batches_are_deterministic_across_workers_and_change_with_epoch
 
 class _WorkerMemoryProbe(DetectionCollator):
     def __call__(self, examples):
-        return {**super().__call__(examples), "configured": collator_module._worker_memory_configured}
+        batch = super().__call__(examples)
+        return {**batch, "configured": collator_module._worker_memory_configured, "frozen": gc.get_freeze_count()}
 
 
-def test_workers_hand_freed_memory_back_and_the_main_process_is_left_alone(synthetic_source, processor):
+def test_workers_configure_their_memory_and_the_main_process_is_left_alone(synthetic_source, processor):
     dataset = synthetic_source.to_iterable_dataset(num_shards=2)
     collator = _WorkerMemoryProbe(processor)
-    in_workers = {
-        batch["configured"] for batch in torch.utils.data.DataLoader(dataset, 4, num_workers=2, collate_fn=collator)
+    loader = torch.utils.data.DataLoader(dataset, 4, num_workers=2, collate_fn=collator)
+    in_workers = [(batch["configured"], batch["frozen"]) for batch in loader]
+    # the objects inherited from this process are frozen: a worker's full collections never copy their pages
+    assert all(configured and frozen > 10_000 for configured, frozen in in_workers)
+    in_main = {
+        (batch["configured"], batch["frozen"])
+        for batch in torch.utils.data.DataLoader(dataset, 4, collate_fn=collator)
     }
-    assert in_workers == {True}
-    in_main = {batch["configured"] for batch in torch.utils.data.DataLoader(dataset, 4, collate_fn=collator)}
-    assert in_main == {False} and not collator_module._worker_memory_configured
+    assert in_main == {(False, 0)} and not collator_module._worker_memory_configured
