@@ -116,7 +116,12 @@ def _loader_process(rank: int, args: dict, queue) -> None:
     import torch
     from datasets.distributed import split_dataset_by_node
 
-    from hf_kd.data import DetectionCollator, DetectionTransform, read_coco_detection
+    from hf_kd.data import (
+        DetectionCollator,
+        DetectionTransform,
+        configure_training_process_memory,
+        read_coco_detection,
+    )
     from hf_kd.data.prepared import load_prepared_coco_detection
     from hf_kd.models.gfl.image_processing_gfl import GFLImageProcessor
 
@@ -138,8 +143,8 @@ def _loader_process(rank: int, args: dict, queue) -> None:
         dataset = read_coco_detection(args["annotation_file"]).to_iterable_dataset(num_shards=args["num_shards"])
     dataset = split_dataset_by_node(dataset, rank=rank, world_size=args["processes"])
     dataset = dataset.shuffle(seed=0, buffer_size=64)
-    if args["gc_freeze"]:
-        gc.freeze()  # objects so far are never traversed by the workers' GC: their pages stay shared
+    if args["configure_process"]:
+        configure_training_process_memory()
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args["batch_size"],
@@ -191,7 +196,7 @@ def measure_loader(source: str, args: argparse.Namespace, annotation_file: Path,
         "batches": args.batches,
         "shortest_edge": args.shortest_edge,
         "longest_edge": args.longest_edge,
-        "gc_freeze": args.gc_freeze,
+        "configure_process": args.configure_process,
         "worker_start_method": args.worker_start_method,
     }
     processes = [context.Process(target=loader_process, args=(rank, options, queue)) for rank in range(args.processes)]
@@ -328,7 +333,11 @@ def main(argv: list[str] | None = None) -> None:
         help="DataLoader workers' start method (fork: Linux's default in a torchrun process; the spawned benchmark "
         "processes would otherwise spawn them)",
     )
-    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before the workers start")
+    parser.add_argument(
+        "--configure-process",
+        action="store_true",
+        help="configure_training_process_memory() before the workers start, as examples/run_distill.py does",
+    )
     parser.add_argument("--detections-per-image", type=int, default=100)
     parser.add_argument("--with-compute", action="store_true", help="also time CocoDetectionMAP.compute()")
     parser.add_argument(
@@ -411,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
             f"## Training loader: {args.processes} processes x {args.workers} workers, batch {args.batch_size}, "
             f"{args.batches} timed batches (after the prefetched ones), resize {args.shortest_edge}/"
             f"{args.longest_edge}, workers started by "
-            f"{args.worker_start_method}{', gc.freeze()' if args.gc_freeze else ''}",
+            f"{args.worker_start_method}{', configure_training_process_memory()' if args.configure_process else ''}",
             "",
             "| source | rank | first batch (s) | images/s | floor RSS / PSS (MiB) | process RSS / PSS (MiB) | "
             "worker RSS (MiB) | worker PSS (MiB) | after a full GC everywhere: process PSS | worker PSS |",

@@ -14,7 +14,6 @@ Train a teacher or a baseline: `--kd_method none` (no teacher). A dataset on the
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ from hf_kd import GFLConfig, GFLForObjectDetection, GFLImageProcessor
 from hf_kd.data import (
     DetectionCollator,
     DetectionTransform,
+    configure_training_process_memory,
     find_coco_annotation_file,
     get_id2label,
     load_coco_detection,
@@ -251,10 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None and os.path.isdir(training_args.output_dir):
         checkpoint = get_last_checkpoint(training_args.output_dir)  # resume an interrupted run
-    # What is alive now (imports, models) is kept out of every later garbage collection, so that this process and
-    # its forked dataloader workers share those pages instead of copying them (~100 MB per process at the first
-    # full collection; the workers freeze what they inherit themselves, see `DetectionCollator`).
-    gc.freeze()
+    configure_training_process_memory()  # gc.freeze() and Arrow's system allocator, for the forked workers
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)

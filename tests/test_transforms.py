@@ -2,6 +2,8 @@
 
 import gc
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -179,3 +181,24 @@ def test_workers_configure_their_memory_and_the_main_process_is_left_alone(synth
         for batch in torch.utils.data.DataLoader(dataset, 4, collate_fn=collator)
     }
     assert in_main == {(False, 0)} and not collator_module._worker_memory_configured
+
+
+_TRAINING_PROCESS_PROBE = """
+import gc, pyarrow, torch
+from hf_kd.data import configure_training_process_memory
+
+class AllocatorName(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield pyarrow.default_memory_pool().backend_name
+
+configure_training_process_memory()
+assert gc.get_freeze_count() > 10_000, gc.get_freeze_count()
+loader = torch.utils.data.DataLoader(AllocatorName(), batch_size=None, num_workers=1, multiprocessing_context="fork")
+print(list(loader))
+"""
+
+
+def test_training_process_configuration_reaches_forked_workers():
+    result = subprocess.run([sys.executable, "-c", _TRAINING_PROCESS_PROBE], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "['system']"

@@ -18,7 +18,7 @@ from .coco import (
     load_detection_dataset,
     read_coco_detection,
 )
-from .collator import DetectionCollator
+from .collator import DetectionCollator, configure_training_process_memory, configure_worker_memory
 from .prepared import PreparedCocoDetection, load_prepared_coco_detection, prepare_coco_detection
 from .transforms import DetectionTransform
 
@@ -30,6 +30,8 @@ __all__ = [
     "DetectionDataError",
     "DetectionTransform",
     "PreparedCocoDetection",
+    "configure_training_process_memory",
+    "configure_worker_memory",
     "detection_features",
     "export_coco_to_parquet",
     "find_coco_annotation_file",
