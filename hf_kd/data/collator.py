@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import gc
 from collections.abc import Mapping, Sequence
@@ -46,6 +47,7 @@ def configure_training_process_memory() -> None:
     The workers' own settings need no call: see [`configure_worker_memory`].
     """
     gc.freeze()
+    atexit.register(gc.unfreeze)  # the final collection at exit still sees them (extensions report leaks otherwise)
     pa.set_memory_pool(pa.system_memory_pool())
 
 
