@@ -16,13 +16,14 @@ Sections (each skippable):
 4. loader: `--processes` spawned training processes, each building its source, `split_dataset_by_node`, a seeded
    shuffle and a `DataLoader` with `--workers` workers and the training `DetectionCollator` (decode, multi-scale
    resize, flip, normalize, pad), reading `--batches` batches. Per process: time to first batch (from building the
-   source, imports excluded), images/s after the first batch and the batches prefetched with it, RSS/PSS/USS of the process (before building the source
-   = the floor of imports, and while its workers run) and of each worker (`psutil.memory_full_info`, PSS divides
-   shared pages among the processes that map them, so PSS sums to what the job really uses), then again after one
-   full garbage collection in the process and in every worker (what a long run eventually does: a collection walks
-   every tracked object, so a forked worker that collects copies the parent's Python heap). Run for the prepared
-   shards, for the same at 1% of the size (what does not depend on the dataset: imports, image pipeline) and, as the
-   baseline, for the json source (`read_coco_detection` in every process).
+   source, imports excluded), images/s after the first batch and the batches prefetched with it, RSS/PSS/USS of the
+   process (before building the source = the floor of imports, and while its workers run) and of each worker
+   (`psutil.memory_full_info`, PSS divides shared pages among the processes that map them, so PSS sums to what the
+   job really uses; the total minus the processes' floors is what the data path adds to the imports), then again
+   after one full garbage collection in the process and in every worker (what a long run eventually does: a
+   collection walks every tracked object, so a forked worker that collects copies the parent's Python heap). Run for
+   the prepared shards, for the same at 1% of the size (what does not depend on the dataset: imports, image pipeline)
+   and, as the baseline, for the json source (`read_coco_detection` in every process).
 5. evaluation at val2017 size (5,000 images, 100 detections each): the baseline (`COCO(json)`, `loadRes`,
    `COCOeval`), `CocoDetectionMAP` per backend (ground truth loaded once: construction timed apart from
    evaluation; `evaluate_predictions` as `coco_compute_metrics` uses it, and `compute()` through `evaluate`), and
@@ -225,11 +226,12 @@ def summarize_loader(name: str, results: list[dict]) -> list[str]:
         f"{listed(r['workers_after_gc'], 'pss')} |"
         for r in results
     ]
+    floor = sum(r["floor"]["pss"] for r in results)
     total = sum(pss(r["process"], r["workers"]) for r in results)
     total_after_gc = sum(pss(r["process_after_gc"], r["workers_after_gc"]) for r in results)
     rows.append(
-        f"| {name} | all | | {sum(r['images_per_s'] for r in results):.1f} | | | | total PSS {total:.0f} MiB | | "
-        f"total PSS {total_after_gc:.0f} MiB |"
+        f"| {name} | all | | {sum(r['images_per_s'] for r in results):.1f} | {floor:.0f} | | | total PSS {total:.0f} "
+        f"MiB ({total - floor:.0f} over the floor) | | total PSS {total_after_gc:.0f} MiB ({total_after_gc - floor:.0f}) |"
     )
     return rows
 
