@@ -679,6 +679,7 @@ def test_push_to_hub_sends_model_processor_and_card_that_load(preset_run, teache
         ModelCard.load(folder / "README.md").data.tags
     )
     card = (folder / "README.md").read_text()
+    assert "trained from scratch" in card and "- Student: new" in card and "[](" not in card
     assert "Method: `crosskd`" in card
     assert f"Teacher: `{teacher_dir}`" in card
     assert str(coco_dir) in card
@@ -753,6 +754,23 @@ def test_bf16_autocast_runs_teacher_and_student_in_bf16_with_float32_losses(
     for entry in train_logs(tmp_path / "out"):
         assert_components_add_up(entry, GFL_LOSSES | KD_LOSSES["crosskd"])
     assert all(f"eval_{name}" in metrics for name in COCO_STAT_NAMES)
+
+
+def test_model_card_links_only_a_hub_student_as_base_model(student_dir, tmp_path):
+    """A student loaded from a local folder is named in the distillation section, not linked as a Hub base model."""
+    model = load_quietly(student_dir)[0]
+    args = DistillationArguments(output_dir=str(tmp_path), kd_method="none", report_to="none", use_cpu=True)
+    trainer = DistillationTrainer(model=model, args=args)
+    trainer.create_model_card(dataset="bccd")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "base_model" not in card.data.to_dict() and "trained from scratch on the bccd dataset" in card.text
+    assert f"- Student: initialized from `{student_dir}`" in card.text
+
+    trainer.create_model_card(finetuned_from="hf-kd/gfl-r18-coco", dataset="bccd")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "hf-kd/gfl-r18-coco"
+    assert "fine-tuned version of [hf-kd/gfl-r18-coco](https://huggingface.co/hf-kd/gfl-r18-coco)" in card.text
+    assert card.text.count("## Distillation (hf_kd)") == 1
 
 
 def test_prepared_training_set_trains_from_parquet_shards(coco_dir, teacher_dir, tmp_path):

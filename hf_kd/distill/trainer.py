@@ -15,6 +15,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers import EvalPrediction, Trainer, TrainerCallback
+from transformers.modelcard import TrainingSummary
 from transformers.trainer_utils import has_length
 
 from ..metrics import COCO_STAT_NAMES, CocoDetectionMAP
@@ -320,15 +321,22 @@ class DistillationTrainer(Trainer):
         finally:
             self.data_collator = train_collator
 
-    def create_model_card(self, *args, **kwargs) -> None:
-        """Trainer's model card plus a section on the distillation: teacher, method and settings, and the latest
-        COCO numbers."""
-        super().create_model_card(*args, **kwargs)
+    def create_model_card(self, finetuned_from: str | None = None, **kwargs: Any) -> None:
+        """The Trainer's model card plus a section on the distillation: the student's starting point, the teacher, the
+        method and its settings, and the latest COCO numbers. Takes the arguments of `Trainer.create_model_card`.
+
+        `finetuned_from` (default: the student's `name_or_path`) is linked as the base model only when it names a Hub
+        repository; a student built from a config or loaded from a local folder is "trained from scratch" there."""
         if not self.is_world_process_zero():
             return
-        lines = ["", "## Distillation (hf_kd)", ""]
+        origin = finetuned_from if finetuned_from is not None else self.model.config.name_or_path
+        hub_origin = origin if origin and not os.path.isdir(origin) else None
+        summary = TrainingSummary.from_trainer(self, finetuned_from=hub_origin, **kwargs)
+        summary.finetuned_from = hub_origin  # from_trainer falls back to the empty name_or_path of a new model
+        lines = [summary.to_model_card(), "", "## Distillation (hf_kd)", ""]
+        lines.append(f"- Student: initialized from `{origin}`" if origin else "- Student: new (built from a config)")
         if self.teacher is None:
-            lines.append("Trained without a teacher (`kd_method=none`).")
+            lines.append("- Trained without a teacher (`kd_method=none`).")
         else:
             lines += [
                 f"- Method: `{self.args.kd_method}`",
@@ -341,7 +349,7 @@ class DistillationTrainer(Trainer):
             latest = evaluations[-1]
             lines += ["", f"COCO box metrics at step {latest['step']}:", "", "| metric | value |", "| --- | --- |"]
             lines += [f"| {name} | {latest[f'eval_{name}']:.4f} |" for name in COCO_STAT_NAMES]
-        with open(os.path.join(self.args.output_dir, "README.md"), "a") as card:
+        with open(os.path.join(self.args.output_dir, "README.md"), "w") as card:
             card.write("\n".join(lines) + "\n")
 
     def create_optimizer(self, model=None):
