@@ -400,6 +400,28 @@ def test_unfrozen_batch_norm_trains_except_in_frozen_stages():
     assert not model.backbone.layer2[0].bn1.training
 
 
+def test_one_small_image_trains_with_one_channel_per_norm_group():
+    """A 96x128 image has a 1x1 P7 map; with 32 groups of 32 channels each head GroupNorm group then holds one value.
+    Alone in a batch it trains (torch's GroupNorm refuses that case in training), with the head states and
+    classification loss it has beside a copy of itself: GroupNorm statistics are per image."""
+    torch.manual_seed(0)
+    model = GFLForObjectDetection(tiny_config(norm_groups=32)).train()
+    image = torch.randn(1, 3, 96, 128)
+    labels = {"boxes": torch.tensor([[8.0, 16.0, 60.0, 80.0]]), "class_labels": torch.tensor([1])}
+
+    alone = model(image, labels=[labels], tower_state_index=4)
+    alone.loss.backward()
+    assert alone.cls_tower_states[-1].shape[-2:] == (1, 1)
+    assert model.head.cls_convs[3].norm.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        pair = model(image.expand(2, -1, -1, -1), labels=[labels, labels], tower_state_index=4)
+    for state, paired_state in zip(
+        alone.cls_tower_states + alone.reg_tower_states, pair.cls_tower_states + pair.reg_tower_states
+    ):
+        torch.testing.assert_close(state[0], paired_state[1])
+    torch.testing.assert_close(alone.loss_dict["loss_cls"], pair.loss_dict["loss_cls"])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # (g) image processor
 # ---------------------------------------------------------------------------------------------------------------------

@@ -348,13 +348,22 @@ class GFLFPN(nn.Module):
         return outputs
 
 
+class GFLGroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` that also trains on one image whose groups hold a single value (one channel per group on a 1x1
+    P7 map): the statistics are per image, so torch's batch-size check for that case does not apply, and the output
+    is the same as for that image within a larger batch."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.group_norm(hidden_states, self.num_groups, self.weight, self.bias, self.eps)
+
+
 class GFLConvNormAct(nn.Module):
     """3x3 conv (no bias), GroupNorm, ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, num_groups: int):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.norm = nn.GroupNorm(num_groups, out_channels)
+        self.norm = GFLGroupNorm(num_groups, out_channels)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.relu(self.norm(self.conv(hidden_states)))
