@@ -167,6 +167,7 @@ def test_remote_code_in_fresh_process(tiny_model, tiny_model_dir, tmp_path):
     command = [sys.executable, "-I", "remote.py", str(tiny_model_dir), "inputs.safetensors", "outputs.safetensors"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "is not supported for object-detection" not in result.stderr
     remote = load_file(tmp_path / "outputs.safetensors")
     with torch.no_grad():
         expected = tiny_model(**batch)

@@ -692,8 +692,12 @@ def test_push_to_hub_sends_model_processor_and_card_that_load(preset_run, teache
     assert GFLImageProcessor.from_pretrained(folder).size == GFLImageProcessor.from_pretrained(output_dir).size
 
     # With hf_kd imported the pipeline must not ask (on stdin) whether to run the folder's remote code.
-    with mock.patch("builtins.input", side_effect=AssertionError("the pipeline asked about remote code")):
+    with (
+        mock.patch("builtins.input", side_effect=AssertionError("the pipeline asked about remote code")),
+        TransformersLogs() as logs,
+    ):
         detector = pipeline("object-detection", model=str(folder), model_kwargs={"score_threshold": 0.0})
+    assert "not supported" not in logs.text
     detections = detector(Image.open(coco_dir / "images" / f"{VAL_IDS[0] - 1:06d}.jpg"), threshold=0.0)
     assert detections, "the pushed model detects nothing"
     assert all({"score", "label", "box"} <= set(d) and d["label"] in CLASS_NAMES for d in detections)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -691,6 +692,17 @@ class GFLForObjectDetection(GFLPreTrainedModel):
                 self.config.max_detections,
             )
         return outputs if return_dict else outputs.to_tuple()
+
+
+class _PipelineSupportFilter(logging.Filter):
+    """Drops the error "The model 'GFLForObjectDetection' is not supported for object-detection": the pipeline checks
+    only transformers' own model names, not the Auto classes a model is registered with, and runs GFL as it should."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(f"The model '{GFLForObjectDetection.__name__}' is not supported")
+
+
+logging.getLogger("transformers.pipelines.base").addFilter(_PipelineSupportFilter())
 
 
 def validate_labels(labels: list[dict], image_sizes: torch.Tensor, num_classes: int) -> None:
