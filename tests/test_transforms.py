@@ -47,7 +47,7 @@ def test_eval_collator_contract_and_processor_parity(coco128_dir, processor):
     batch = DetectionCollator(processor)(examples)
     assert set(batch) == {"pixel_values", "pixel_mask", "labels"}
     pixel_values, pixel_mask = batch["pixel_values"], batch["pixel_mask"]
-    assert pixel_values.dtype == torch.float32 and pixel_mask.dtype == torch.int64
+    assert pixel_values.dtype == torch.float32 and pixel_mask.dtype == torch.bool
     assert pixel_values.shape[0] == 6 and pixel_values.shape[-2] % 32 == 0 and pixel_values.shape[-1] % 32 == 0
 
     annotations = [

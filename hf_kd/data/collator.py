@@ -87,6 +87,6 @@ class DetectionCollator:
         )
         return {
             "pixel_values": encoded["pixel_values"],
-            "pixel_mask": encoded["pixel_mask"].to(torch.int64),
+            "pixel_mask": encoded["pixel_mask"],
             "labels": [item["labels"] for item in transformed],
         }

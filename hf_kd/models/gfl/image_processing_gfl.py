@@ -67,7 +67,7 @@ class GFLImageProcessor(TorchvisionBackend):
 
     Images are resized keeping their aspect ratio to fit `size["longest_edge"]` x `size["shortest_edge"]` (bilinear,
     no antialiasing, as MMDetection), scaled to [0, 1], normalized with the ImageNet mean and std, and zero-padded
-    bottom/right to a multiple of `size_divisor`; `pixel_mask` marks the real pixels.
+    bottom/right to a multiple of `size_divisor`; `pixel_mask` (bool) marks the real pixels.
     """
 
     valid_kwargs = GFLImageProcessorKwargs
@@ -149,10 +149,10 @@ class GFLImageProcessor(TorchvisionBackend):
             if any(image.shape[-2:] != (height, width) for image in processed):
                 raise ValueError("Images of different sizes need do_pad=True to form a batch.")
         pixel_values = processed[0].new_zeros(len(processed), 3, height, width)
-        pixel_mask = torch.zeros(len(processed), height, width, dtype=torch.int64)
+        pixel_mask = torch.zeros(len(processed), height, width, dtype=torch.bool)
         for index, image in enumerate(processed):
             pixel_values[index, :, : image.shape[-2], : image.shape[-1]] = image
-            pixel_mask[index, : image.shape[-2], : image.shape[-1]] = 1
+            pixel_mask[index, : image.shape[-2], : image.shape[-1]] = True
         data = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
         encoded = BatchFeature(data, tensor_type=return_tensors)
         if annotations is not None:

@@ -656,7 +656,7 @@ class GFLForObjectDetection(GFLPreTrainedModel):
     def forward(
         self,
         pixel_values: torch.FloatTensor,
-        pixel_mask: torch.LongTensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
         labels: list[dict] | None = None,
         tower_state_index: int | None = None,
         output_detections: bool | None = None,
@@ -664,7 +664,7 @@ class GFLForObjectDetection(GFLPreTrainedModel):
     ) -> GFLObjectDetectionOutput | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(B, 3, H, W)`): normalized images, zero-padded bottom/right.
-        pixel_mask (`torch.LongTensor` of shape `(B, H, W)`, *optional*): 1 on real pixels, 0 on padding.
+        pixel_mask (`torch.BoolTensor` of shape `(B, H, W)`, *optional*): True (or 1) on real pixels, False on padding.
         labels (`list[dict]`, *optional*): per image `boxes` `(n, 4)` absolute (x1, y1, x2, y2) pixels of
             `pixel_values` and `class_labels` `(n,)`; crowd boxes left out.
         tower_state_index (`int`, *optional*): also return the head towers' states after this many convs.
