@@ -196,7 +196,7 @@ class DistillationTrainer(Trainer):
             self.teacher = teacher.eval().requires_grad_(False).to(self.accelerator.device)
         self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._loss_counts = defaultdict(int)
-        self._step_losses: dict[str, torch.Tensor] = {}  # the last training forward's loss components
+        self._step_losses: dict[str, torch.Tensor] = {}  # the last training forward's loss components, detached
 
     def _init_training_state(
         self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
@@ -252,7 +252,7 @@ class DistillationTrainer(Trainer):
             losses = {name: value.sum() for name, value in terms.items()}
         loss = sum(losses.values())
         if model.training:
-            self._step_losses = losses
+            self._step_losses = {name: value.detach() for name, value in losses.items()}
         self._accumulate_losses("train" if model.training else "eval", losses)
         return (loss, outputs) if return_outputs else loss
 
@@ -268,7 +268,7 @@ class DistillationTrainer(Trainer):
         Checked after the backward pass and before the optimizer step, where the Trainer waits for the step's loss
         anyway (its own NaN filter), so that the check adds no wait for the device between forward and backward.
         """
-        not_finite = torch.stack([~value.detach().isfinite() for value in losses.values()]).float()
+        not_finite = torch.stack([~value.isfinite() for value in losses.values()]).float()
         if self.accelerator.num_processes > 1:
             not_finite = self.accelerator.reduce(not_finite, reduction="sum")
         if not_finite.any():
