@@ -20,6 +20,7 @@ from datasets.distributed import split_dataset_by_node
 from pycocotools.coco import COCO
 
 from hf_kd.data import DetectionCollator, DetectionDataError, get_id2label, read_coco_detection
+from hf_kd.data import parquet as parquet_module
 from hf_kd.data import prepared as prepared_module
 from hf_kd.data.prepared import (
     INDEX_NAME,
@@ -151,7 +152,7 @@ def test_prepared_stream_over_two_processes_and_two_workers(small_coco, tmp_path
 
 def test_preparation_resumes_after_interruption(small_coco, tmp_path, monkeypatch):
     output = tmp_path / "prepared"
-    real_shard_table = prepared_module._shard_table
+    real_shard_table = parquet_module.shard_table
     calls = []
 
     def interrupted_after_two(*args, **kwargs):
@@ -160,7 +161,7 @@ def test_preparation_resumes_after_interruption(small_coco, tmp_path, monkeypatc
         calls.append(args[1])
         return real_shard_table(*args, **kwargs)
 
-    monkeypatch.setattr(prepared_module, "_shard_table", interrupted_after_two)
+    monkeypatch.setattr(parquet_module, "shard_table", interrupted_after_two)
     with pytest.raises(KeyboardInterrupt):
         prepare_coco_detection(small_coco, output, num_shards=5, progress=False)
     assert (output / INDEX_NAME).is_file() and not (output / MANIFEST_NAME).exists()
@@ -170,9 +171,7 @@ def test_preparation_resumes_after_interruption(small_coco, tmp_path, monkeypatc
     shards = sorted(output.glob("*.parquet"))
     shards[1].write_bytes(shards[1].read_bytes()[:100])
     calls.clear()
-    monkeypatch.setattr(
-        prepared_module, "_shard_table", lambda *a, **k: calls.append(a[1]) or real_shard_table(*a, **k)
-    )
+    monkeypatch.setattr(parquet_module, "shard_table", lambda *a, **k: calls.append(a[1]) or real_shard_table(*a, **k))
     monkeypatch.setattr(prepared_module, "read_coco_detection", lambda *a, **k: pytest.fail("parsed the json again"))
     prepared = prepare_coco_detection(small_coco, output, num_shards=5, progress=False)
     assert len(calls) == 4  # shard 2 (damaged) and shards 3-5; shard 1 kept
@@ -189,13 +188,13 @@ def test_preparation_resumes_after_interruption(small_coco, tmp_path, monkeypatc
 
 
 def test_preparation_detects_lost_annotations(small_coco, tmp_path, monkeypatch):
-    real_shard_table = prepared_module._shard_table
+    real_shard_table = parquet_module.shard_table
 
     def drop_last_row(*args, **kwargs):
         table = real_shard_table(*args, **kwargs)
         return table.slice(0, table.num_rows - 1)
 
-    monkeypatch.setattr(prepared_module, "_shard_table", drop_last_row)
+    monkeypatch.setattr(parquet_module, "shard_table", drop_last_row)
     with pytest.raises(DetectionDataError, match="preparation lost data"):
         prepare_coco_detection(small_coco, tmp_path / "prepared", num_shards=2, progress=False)
     assert not (tmp_path / "prepared" / MANIFEST_NAME).exists()

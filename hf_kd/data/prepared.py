@@ -8,8 +8,8 @@ examples (annotations, and image *paths*, not image bytes) in the common example
 consecutive images, and checks that the images, annotations, crowd regions and empty images in the shards equal the
 json's. [`load_prepared_coco_detection`] then streams the shards with `datasets` (`load_dataset("parquet",
 streaming=True)`): each process and dataloader worker reads only its own shards, a row group (at most
-`ROW_GROUP_SIZE` images) at a time, so its memory does not grow with the dataset or with the number of workers, and
-nothing of the json is held anywhere.
+`hf_kd.data.parquet.ROW_GROUP_SIZE` images) at a time, so its memory does not grow with the dataset or with the
+number of workers, and nothing of the json is held anywhere. The shards are written by `hf_kd.data.parquet`.
 
 The prepared folder is a plain parquet dataset (features in the schema metadata), `load_dataset("parquet",
 data_dir=...)` reads it as well; `hf_kd_prepared.json` in it records the counts, categories and source file.
@@ -33,24 +33,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .coco import (
-    ANNOTATION_INVALID_KINDS,
-    IMAGE_INVALID_KINDS,
-    INVALID_KINDS,
-    CocoDetectionSource,
-    DataValidationReport,
-    DetectionCategories,
-    DetectionDataError,
-    OnInvalid,
-    detection_features,
-    read_coco_detection,
-)
+from .coco import CocoDetectionSource, read_coco_detection
+from .parquet import write_parquet_shards
+from .schema import DetectionCategories, DetectionDataError, detection_features
+from .validation import ANNOTATION_INVALID_KINDS, IMAGE_INVALID_KINDS, INVALID_KINDS, DataValidationReport, OnInvalid
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "hf_kd_prepared.json"
 INDEX_NAME = "_hf_kd_index.npz"
-ROW_GROUP_SIZE = 256
 FORMAT_VERSION = 1
 COUNT_NAMES = ("images", "annotations", "crowd", "empty_images")
 
@@ -151,35 +142,24 @@ def prepare_coco_detection(
         if same_source and same_images and (num_shards is None or len(manifest["shards"]) == num_shards):
             logger.info("%s is already prepared from %s", output_dir, annotation_file)
             return PreparedCocoDetection.from_dir(output_dir)
-        manifest_path.unlink()  # prepared from something else: redo (shards are checked one by one below)
+        manifest_path.unlink()  # prepared from something else: redo (complete shards are kept, see below)
 
     start = time.perf_counter()
     source = _load_or_parse(annotation_file, output_dir, image_dir, on_invalid, fingerprint, progress)
     if num_shards is None:  # ~2,048 images a shard, a multiple of 8
         num_shards = min(8 * max(1, -(-len(source) // (2048 * 8))), 512)
-    bounds = source.shard_bounds(num_shards)
-    names = [f"{split}-{k:05d}-of-{len(bounds):05d}.parquet" for k in range(len(bounds))]
-    for stale in output_dir.glob("*.parquet"):
-        if stale.name not in names:
-            stale.unlink()
-    features = source.features
-    schema = features.arrow_schema
-    written = skipped = 0
-    with tqdm(total=len(source), desc=f"Preparing {annotation_file.name}", unit="img", disable=not progress) as bar:
-        for name, (lo, hi) in zip(names, bounds):
-            path = output_dir / name
-            if _is_complete_shard(path, hi - lo, schema):
-                skipped += 1
-            else:
-                table = _shard_table(source, lo, hi, schema)
-                tmp = path.with_name(path.name + ".tmp")
-                pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE)
-                os.replace(tmp, path)
-                written += 1
-            bar.update(hi - lo)
-    if skipped:
-        logger.info("%s: %d of %d shards were already written (resumed)", output_dir, skipped, len(names))
-
+    paths = write_parquet_shards(
+        source,
+        output_dir,
+        num_shards,
+        split=split,
+        resume=True,
+        progress=progress,
+        description=f"Preparing {annotation_file.name}",
+    )
+    for stale in set(output_dir.glob("*.parquet")) - set(paths):  # shards of an earlier preparation
+        stale.unlink()
+    names = [path.name for path in paths]
     counts = _verify(output_dir, names, source)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -198,7 +178,7 @@ def prepare_coco_detection(
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, manifest_path)
     (output_dir / INDEX_NAME).unlink(missing_ok=True)
-    logger.info("prepared %s: %s (%d shards, %d written)", output_dir, counts, len(names), written)
+    logger.info("prepared %s: %s (%d shards)", output_dir, counts, len(names))
     return PreparedCocoDetection.from_dir(output_dir)
 
 
@@ -298,51 +278,6 @@ _ARRAY_FIELDS = (
     "areas",
     "iscrowd",
 )
-
-
-def _is_complete_shard(path: Path, num_rows: int, schema: pa.Schema) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        metadata = pq.read_metadata(path)
-        return metadata.num_rows == num_rows and metadata.schema.to_arrow_schema().equals(schema)
-    except (OSError, pa.ArrowInvalid):
-        return False
-
-
-def _shard_table(source: CocoDetectionSource, lo: int, hi: int, schema: pa.Schema) -> pa.Table:
-    """The examples of images `lo:hi` as an Arrow table, built from the source's arrays (no per-row objects)."""
-    first, last = int(source.annotation_offsets[lo]), int(source.annotation_offsets[hi])
-    image_dir = os.path.abspath(source.image_dir)
-    paths = [os.path.join(image_dir, str(name)) for name in source.file_names[lo:hi]]
-    image_type = schema.field("image").type
-    image = pa.StructArray.from_arrays(
-        [pa.nulls(hi - lo, pa.binary()), pa.array(paths, pa.string())], fields=list(image_type)
-    )
-    object_type = schema.field("objects").type.value_type
-    bbox_type = object_type.field("bbox").type
-    objects = pa.StructArray.from_arrays(
-        [
-            pa.array(source.annotation_ids[first:last], pa.int64()),
-            pa.FixedSizeListArray.from_arrays(
-                pa.array(np.ascontiguousarray(source.boxes[first:last]).reshape(-1), pa.float64()),
-                type=bbox_type,
-            ),
-            pa.array(source.labels[first:last], pa.int64()),
-            pa.array(source.areas[first:last], pa.float64()),
-            pa.array(source.iscrowd[first:last], pa.int64()),
-        ],
-        fields=list(object_type),
-    )
-    offsets = pa.array(source.annotation_offsets[lo : hi + 1] - first, pa.int32())
-    columns = [
-        image,
-        pa.array(source.image_ids[lo:hi], pa.int64()),
-        pa.array(source.widths[lo:hi], pa.int32()),
-        pa.array(source.heights[lo:hi], pa.int32()),
-        pa.ListArray.from_arrays(offsets, objects, type=schema.field("objects").type),
-    ]
-    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _verify(output_dir: Path, names: list[str], source: CocoDetectionSource) -> dict[str, int]:

@@ -15,7 +15,7 @@ import torch
 from torchvision.transforms.v2 import functional as tvF
 
 from ..models.gfl.image_processing_gfl import get_resize_output_size
-from .coco import DetectionDataError
+from .schema import DetectionDataError
 
 logger = logging.getLogger(__name__)
 
