@@ -169,19 +169,22 @@ class _WorkerMemoryProbe(DetectionCollator):
         return {**batch, "configured": collator_module._worker_memory_configured, "frozen": gc.get_freeze_count()}
 
 
-def test_workers_configure_their_memory_and_the_main_process_is_left_alone(synthetic_source, processor):
+def test_workers_configure_their_memory_when_asked_and_the_main_process_is_left_alone(synthetic_source, processor):
     dataset = synthetic_source.to_iterable_dataset(num_shards=2)
-    collator = _WorkerMemoryProbe(processor)
-    loader = torch.utils.data.DataLoader(dataset, 4, num_workers=2, collate_fn=collator)
-    in_workers = [(batch["configured"], batch["frozen"]) for batch in loader]
-    # the objects inherited from this process are frozen: a worker's full collections never copy their pages
-    assert all(configured and frozen > 10_000 for configured, frozen in in_workers)
     frozen_before = gc.get_freeze_count()
-    in_main = {
-        (batch["configured"], batch["frozen"])
-        for batch in torch.utils.data.DataLoader(dataset, 4, collate_fn=collator)
-    }
-    assert in_main == {(False, frozen_before)} and not collator_module._worker_memory_configured
+
+    def probe(num_workers, **kwargs):
+        collator = _WorkerMemoryProbe(processor, **kwargs)
+        loader = torch.utils.data.DataLoader(dataset, 4, num_workers=num_workers, collate_fn=collator)
+        return [(batch["configured"], batch["frozen"]) for batch in loader]
+
+    # by default a collator call leaves every process as it is, workers included
+    assert set(probe(num_workers=2)) == {(False, frozen_before)}
+    # asked for, the objects inherited from this process are frozen: a worker's full collections never copy their pages
+    in_workers = probe(num_workers=2, configure_workers=True)
+    assert in_workers and all(configured and frozen > 10_000 for configured, frozen in in_workers)
+    assert set(probe(num_workers=0, configure_workers=True)) == {(False, frozen_before)}
+    assert not collator_module._worker_memory_configured and gc.get_freeze_count() == frozen_before
 
 
 _TRAINING_PROCESS_PROBE = """

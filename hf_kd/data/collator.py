@@ -18,7 +18,7 @@ _worker_memory_configured = False
 
 
 def configure_worker_memory() -> None:
-    """Keeps a dataloader worker's private memory to what it uses. Called by [`DetectionCollator`] once per worker.
+    """Keeps a dataloader worker's private memory to what it uses; does nothing after the first call in a process.
 
     - `gc.freeze()`: the worker's garbage collector leaves the objects inherited from the training process alone. A
       full collection walks every tracked object, so without it a forked worker copies the parent's whole Python
@@ -26,8 +26,13 @@ def configure_worker_memory() -> None:
     - glibc's mmap threshold fixed at its 128 KiB default: glibc raises it after the first large buffer is freed, so
       later decoded images land in a heap that is not trimmed, and every worker keeps ~45 MB it no longer uses
       (a no-op outside glibc).
+
+    Both change the whole worker process: a [`DetectionCollator`] built with `configure_workers=True` calls it in
+    each worker, or call it from a `worker_init_fn`.
     """
     global _worker_memory_configured
+    if _worker_memory_configured:
+        return
     _worker_memory_configured = True
     gc.freeze()
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc (and musl, where it does nothing)
@@ -44,7 +49,7 @@ def configure_training_process_memory() -> None:
       keeps ~10 MB of freed parquet buffers.
 
     Both change the whole process, so hf_kd leaves the call to the script that owns it (`examples/run_distill.py`).
-    The workers' own settings need no call: see [`configure_worker_memory`].
+    The workers' own settings are [`configure_worker_memory`].
     """
     gc.freeze()
     atexit.register(gc.unfreeze)  # the final collection at exit still sees them (extensions report leaks otherwise)
@@ -58,28 +63,35 @@ class DetectionCollator:
         image_processor: a `GFLImageProcessor` (normalizes and pads to a multiple of its `size_divisor`).
         transform: per-example resize/augmentation; defaults to the processor's resize without augmentation
             (evaluation).
+        configure_workers: call [`configure_worker_memory`] in each dataloader worker, at its first batch. It changes
+            the worker process (garbage collector, allocator), so it is off unless the script that owns the training
+            processes asks for it; the main process is never changed.
 
     Each label dict has `boxes` (float32 `(n, 4)` absolute xyxy in the resized, unpadded frame), `class_labels`,
     `image_id`, `orig_size` and `size` ((h, w) of the original and of the resized image). With a `Trainer`, pass
     `remove_unused_columns=False`, and call `set_epoch` at each epoch for new augmentation draws.
     """
 
-    def __init__(self, image_processor: Any, transform: DetectionTransform | None = None):
+    def __init__(
+        self, image_processor: Any, transform: DetectionTransform | None = None, configure_workers: bool = False
+    ):
         self.image_processor = image_processor
         self.transform = (
             transform if transform is not None else DetectionTransform.from_image_processor(image_processor)
         )
+        self.configure_workers = configure_workers
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(image_processor={type(self.image_processor).__name__}, transform={self.transform})"
+            f"{type(self).__name__}(image_processor={type(self.image_processor).__name__}, transform={self.transform}, "
+            f"configure_workers={self.configure_workers})"
         )
 
     def set_epoch(self, epoch: int) -> None:
         self.transform.set_epoch(epoch)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        if not _worker_memory_configured and torch.utils.data.get_worker_info() is not None:
+        if self.configure_workers and torch.utils.data.get_worker_info() is not None:
             configure_worker_memory()
         transformed = [self.transform(example) for example in examples]
         encoded = self.image_processor(
