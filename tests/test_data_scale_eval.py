@@ -13,8 +13,8 @@ from transformers import EvalPrediction
 
 from hf_kd.distill import trainer as trainer_module
 from hf_kd.distill.trainer import coco_compute_metrics
-from hf_kd.metrics import COCO_STAT_NAMES, CocoDetectionMAP
-from hf_kd.metrics.coco_map import DetectionArrays, GroundTruthArrays, numpy_cocoeval
+from hf_kd.metrics import COCO_STAT_NAMES, CocoDetectionMAP, DetectionArrays, GroundTruthArrays
+from hf_kd.metrics.numpy_cocoeval import numpy_cocoeval
 
 
 def _coco(data):

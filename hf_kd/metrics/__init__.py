@@ -1,17 +1,14 @@
-"""Evaluation metrics."""
+"""Evaluation metrics: COCO box mAP.
 
-from .coco_map import (
-    COCO_STAT_NAMES,
-    CocoDetectionMAP,
-    DetectionArrays,
-    GroundTruthArrays,
-    build_coco_ground_truth,
-    coco_reference,
-    evaluate_coco_detections,
-    evaluate_detection_arrays,
-    load_coco_ground_truth,
-    to_coco_detections,
-)
+Modules: `coco_map` (the `evaluate.Metric`), `evaluation` (COCOeval of detection arrays, by pycocotools or numpy),
+`numpy_cocoeval` (the numpy port of COCOeval), `ground_truth` (COCO ground truth and its arrays), `detections`
+(predictions as COCO results).
+"""
+
+from .coco_map import CocoDetectionMAP
+from .detections import DetectionArrays, to_coco_detections
+from .evaluation import COCO_STAT_NAMES, evaluate_detection_arrays
+from .ground_truth import GroundTruthArrays, build_coco_ground_truth, coco_reference, load_coco_ground_truth
 
 __all__ = [
     "COCO_STAT_NAMES",
@@ -20,7 +17,6 @@ __all__ = [
     "GroundTruthArrays",
     "build_coco_ground_truth",
     "coco_reference",
-    "evaluate_coco_detections",
     "evaluate_detection_arrays",
     "load_coco_ground_truth",
     "to_coco_detections",
