@@ -117,6 +117,7 @@ def _loader_process(rank: int, args: dict, queue) -> None:
     import torch
     from datasets.distributed import split_dataset_by_node
 
+    from hf_kd import GFLImageProcessor
     from hf_kd.data import (
         DetectionCollator,
         DetectionTransform,
@@ -124,7 +125,6 @@ def _loader_process(rank: int, args: dict, queue) -> None:
         read_coco_detection,
     )
     from hf_kd.data.prepared import load_prepared_coco_detection
-    from hf_kd.models.gfl.image_processing_gfl import GFLImageProcessor
 
     torch.set_num_threads(1)
     shortest, longest = args["shortest_edge"], args["longest_edge"]
@@ -133,7 +133,7 @@ def _loader_process(rank: int, args: dict, queue) -> None:
         shortest_edge=(round(0.8 * shortest), shortest), longest_edge=longest, flip_prob=0.5
     )
     collect = multiprocessing.get_context(args["worker_start_method"]).Event()
-    collator = CollectingCollator(DetectionCollator(processor, transform), collect)
+    collator = CollectingCollator(DetectionCollator(processor, transform, configure_workers=True), collect)
     gc.collect()
     me = psutil.Process()
     floor = memory(me)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from hf_kd import GFLImageProcessor
 from hf_kd.data import DetectionCollator, DetectionTransform, load_coco_detection
 from hf_kd.data.synthetic import generate_synthetic_coco
-from hf_kd.models.gfl.image_processing_gfl import GFLImageProcessor
 
 DEFAULT_BCCD_DIR = (
     Path(os.environ.get("HF_KD_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")) / "data/bccd"

@@ -1,18 +1,24 @@
-"""Speed of distillation on one student/teacher configuration: what a distillation step costs next to training the
-student alone plus running the teacher, and how fast the detectors infer.
+"""Speed of distillation: what a distillation step costs next to training the student alone plus running the
+teacher, per detector family and precision setting, and how fast the detectors infer.
 
-Measures, after warm-up, the median and min over `--repeats` calls of: the student's train step (forward, GFL loss,
-backward, SGD step), the teacher's forward (eval, no grad), the distillation train step of each KD preset (student
-forward with tower states, teacher forward without grad, GFL and KD losses, backward, SGD step; computed by
-`DistillationTrainer.compute_loss`), and inference with post-processing (eval forward including `detect`) of the
-student and the teacher, plus the post-processing alone; also the FLOPs and peak memory of one call and the
-efficiency ratio `distill step / (student step + teacher forward)` in time and in FLOPs. The timed calls go round
-robin over all measurements, so that a shared machine's changing load biases no ratio. Prints a Markdown table and
+For each family (`--families`) and precision setting (`--settings`), measures after warm-up the median and min over
+`--repeats` calls of: the student's train step (forward, detection loss, backward, SGD step, as
+`DistillationTrainer` trains without a teacher), the teacher's forward (eval, no grad, in the teacher's precision),
+the distillation train step of each KD preset (`DetectionDistiller`'s forward: student, teacher, cross-head, detection
+and KD losses; backward; the step's one check of labels and losses; SGD step), and inference with post-processing
+(forward and the image processor's `post_process_object_detection`) of the student and the teacher, plus the
+post-processing alone; also the FLOPs and peak memory of one call, and the ratio `distill step / (student step +
+teacher forward)` in time and in FLOPs. The timed calls go round robin over all measurements of a setting, so that a
+shared machine's changing load biases no ratio. Prints a Markdown table per setting and a summary of the ratios, and
 optionally writes JSON.
 
-    python benchmarks/speed.py                                   # 2 x 3x320x320 train, 1 x 3x640x640 inference
-    python benchmarks/speed.py --channels_last --json outputs/speed_cpu.json
-    python benchmarks/speed.py --device cuda --dtype bf16 --compile --json outputs/speed_h100.json
+Settings: `fp32`; `bf16+channels_last` (the Trainer's --bf16 autocast for student and teacher, models and inputs
+channels-last); `fp32+teacher_bf16` (the student in fp32, the teacher in bf16 and channels-last: `--teacher_dtype
+bf16`).
+
+    python benchmarks/speed.py                          # GFL, the three settings; 2 x 3x320x320 train, 1 x 640 inference
+    python benchmarks/speed.py --families gfl retinanet fcos atss --settings fp32 --json outputs/speed_families.json
+    python benchmarks/speed.py --device cuda --settings bf16+channels_last --compile --json outputs/speed_gpu.json
 
 Peak memory is what one call adds: on GPU the CUDA max allocated during the call minus the memory allocated before
 it (the JSON also has the absolute max, which counts every model the benchmark holds); on CPU the growth of the peak
@@ -36,6 +42,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import timm
 import torch
@@ -43,13 +50,29 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 import hf_kd
-from hf_kd import GFLConfig, GFLForObjectDetection
-from hf_kd.distill.arguments import DistillationArguments
-from hf_kd.distill.trainer import DistillationTrainer
-from hf_kd.models.gfl.modeling_gfl import detect
+from hf_kd.distill import DistillationArguments, DistillationTrainer
+from hf_kd.models.detection import FAMILIES
 
 KD_PRESETS = ("crosskd", "crosskd+pkd", "bckd")
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Setting(NamedTuple):
+    """A precision setting: the student's autocast dtype (None: fp32), channels-last student, the teacher's dtype
+    (None: the student's) and channels-last teacher."""
+
+    name: str
+    dtype: torch.dtype | None
+    channels_last: bool
+    teacher_dtype: torch.dtype | None
+    teacher_channels_last: bool
+
+
+SETTINGS = {
+    "fp32": Setting("fp32", None, False, None, False),
+    "bf16+channels_last": Setting("bf16+channels_last", torch.bfloat16, True, None, True),
+    "fp32+teacher_bf16": Setting("fp32+teacher_bf16", None, False, torch.bfloat16, True),
+    "fp16+channels_last": Setting("fp16+channels_last", torch.float16, True, None, True),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
+    parser.add_argument("--families", nargs="+", default=["gfl"], choices=sorted(FAMILIES), help="detector families")
+    parser.add_argument("--settings", nargs="+", default=["fp32", "bf16+channels_last", "fp32+teacher_bf16"],
+                        choices=tuple(SETTINGS), help="precision settings")  # fmt: skip
     parser.add_argument("--student", default="resnet18", help="timm backbone of the student")
     parser.add_argument("--teacher", default="resnet50", help="timm backbone of the teacher")
     parser.add_argument("--width", type=int, default=256, help="FPN and head width of both detectors")
@@ -78,13 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--methods", nargs="+", default=list(KD_PRESETS), choices=KD_PRESETS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    parser.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=tuple(DTYPES),
-        help="mixed precision: autocast to this dtype (train steps: the Trainer's --bf16/--fp16); fp32: none",
-    )
-    parser.add_argument("--channels_last", action="store_true", help="models and inputs in channels_last")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument(
@@ -99,16 +118,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def detector_config(backbone: str, width: int, args: argparse.Namespace) -> GFLConfig:
-    """GFL config with `backbone` and an FPN and head `width` channels wide (GroupNorm groups: 32, fewer if narrow)."""
-    return GFLConfig(
-        backbone=backbone,
-        fpn_channels=width,
-        head_channels=width,
-        stacked_convs=args.stacked_convs,
-        num_labels=args.num_labels,
-        norm_groups=min(32, width // 2),
-    )
+def detector_config(family: str, backbone: str, width: int, args: argparse.Namespace):
+    """The family's config with `backbone` and an FPN and head `width` wide (GroupNorm groups: 32, fewer if narrow)."""
+    config_class = FAMILIES[family][0]
+    kwargs = {"backbone": backbone, "fpn_channels": width, "head_channels": width, "num_labels": args.num_labels}
+    if config_class().norm_groups is not None:
+        kwargs["norm_groups"] = min(32, width // 2)
+    return config_class(stacked_convs=args.stacked_convs, **kwargs)
 
 
 def make_batch(
@@ -128,7 +144,7 @@ def make_batch(
         )
     return {
         "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device),
-        "pixel_mask": torch.ones(batch_size, image_size, image_size, dtype=torch.long, device=device),
+        "pixel_mask": torch.ones(batch_size, image_size, image_size, dtype=torch.bool, device=device),
         "labels": labels,
     }
 
@@ -224,57 +240,105 @@ def benchmark(
     return results
 
 
-def prepare(model: GFLForObjectDetection, device: torch.device, args: argparse.Namespace) -> GFLForObjectDetection:
+def prepare(model, device: torch.device, channels_last: bool, compile_model: bool):
     """Moves `model` to the device (channels_last if asked) and compiles it in place if asked."""
-    model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    if args.compile:
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if compile_model:
         model.compile()
     return model
 
 
-def autocast(args: argparse.Namespace) -> AbstractContextManager:
-    """Autocast to `--dtype` on `--device`, or nothing for fp32."""
-    return torch.autocast(args.device, dtype=DTYPES[args.dtype]) if DTYPES[args.dtype] else nullcontext()
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    """Autocast to `dtype` on `device`, or nothing for fp32 (None)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def train_step(
-    model: GFLForObjectDetection,
-    teacher: GFLForObjectDetection | None,
-    method: str,
-    batch: dict,
-    workdir: str,
-    args: argparse.Namespace,
-) -> Callable[[], None]:
-    """One optimizer step as `DistillationTrainer` trains (method `none`: the student alone): the model and an SGD
+def train_step(student, teacher, method: str, batch: dict, workdir: str, setting: Setting, args) -> Callable[[], None]:
+    """One optimizer step as `DistillationTrainer` trains (method `none`: the student alone): the distiller and an SGD
     optimizer (the papers' lr 0.01, momentum 0.9, weight decay 1e-4) prepared by the trainer's accelerator (autocast
-    to `--dtype` with float32 outputs, fp16 gradient scaling), `compute_loss`, `accelerator.backward`, the step.
-    Left out: what the Trainer's loop does after the backward pass, where it waits for the device anyway (its NaN
-    filter of the logged loss, and `DistillationTrainer`'s check for non-finite loss components)."""
+    to the setting's dtype with float32 outputs, fp16 gradient scaling), `compute_loss`, `accelerator.backward`, the
+    trainer's one check of the step's labels and losses, the step. Left out: the Trainer's own NaN filter of the
+    logged loss, which waits for the device after the step as the check does."""
     training_args = DistillationArguments(
         output_dir=workdir,
         kd_method=method,
+        teacher_dtype={None: None, torch.bfloat16: "bf16", torch.float16: "fp16"}[setting.teacher_dtype],
         use_cpu=args.device == "cpu",
-        bf16=args.dtype == "bf16",
-        fp16=args.dtype == "fp16",
+        bf16=setting.dtype == torch.bfloat16,
+        fp16=setting.dtype == torch.float16,
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
         seed=args.seed,
     )
-    trainer = DistillationTrainer(model=model, args=training_args, teacher=teacher)
+    trainer = DistillationTrainer(model=student, args=training_args, teacher=teacher)
     accelerator = trainer.accelerator
-    model = accelerator.prepare_model(model)
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]  # incl. KD adapters
+    distiller = accelerator.prepare_model(trainer.model)
+    parameters = [parameter for parameter in distiller.parameters() if parameter.requires_grad]  # incl. adapters
     optimizer = accelerator.prepare_optimizer(torch.optim.SGD(parameters, lr=0.01, momentum=0.9, weight_decay=1e-4))
-    model.train()
+    distiller.train()
 
     def step() -> None:
-        loss = trainer.compute_loss(model, batch)
+        loss = trainer.compute_loss(distiller, batch)
         accelerator.backward(loss)
+        trainer._check_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def build_calls(family: str, setting: Setting, args, device: torch.device, workdir: str) -> dict:
+    """The measured functions (name: function, images per call), on fresh copies of one student and one teacher."""
+    torch.manual_seed(args.seed)
+    _, model_class, processor_class = FAMILIES[family]
+    student = model_class(detector_config(family, args.student, args.student_width or args.width, args))
+    teacher = model_class(detector_config(family, args.teacher, args.width, args)).eval().requires_grad_(False)
+    student_format = torch.channels_last if setting.channels_last else torch.contiguous_format
+    batch = make_batch(args.batch_size, args.image_size, args.boxes_per_image, args.num_labels, device, args.seed)
+    batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=student_format)
+    image = torch.randn(1, 3, args.inference_size, args.inference_size, generator=torch.Generator().manual_seed(1))
+    image = image.to(device).contiguous(memory_format=student_format)
+    inference_models = {"student": copy.deepcopy(student).eval(), "teacher": copy.deepcopy(teacher)}
+    if args.postprocess_load == "full":
+        for model in inference_models.values():
+            torch.nn.init.zeros_(model.head.classifier.bias)
+    prepare(teacher, device, setting.teacher_channels_last, args.compile)
+    teacher_dtype = setting.teacher_dtype or setting.dtype
+
+    def new_student():
+        return prepare(copy.deepcopy(student), device, setting.channels_last, args.compile)
+
+    images = args.batch_size
+    calls = {"student train step": (train_step(new_student(), None, "none", batch, workdir, setting, args), images)}
+
+    def teacher_forward() -> None:
+        with torch.no_grad(), autocast(device, teacher_dtype):
+            teacher(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+
+    calls["teacher forward (no grad)"] = (teacher_forward, images)
+    for method in args.methods:
+        step = train_step(new_student(), teacher, method, batch, workdir, setting, args)
+        calls[f"distill step {method}"] = (step, images)
+
+    processor = processor_class()
+    for role, model in inference_models.items():
+        prepare(model, device, setting.channels_last, args.compile)
+        dtype = setting.dtype if role == "student" else teacher_dtype
+
+        def infer(model=model, dtype=dtype) -> None:
+            with torch.no_grad(), autocast(device, dtype):
+                processor.post_process_object_detection(model(pixel_values=image), threshold=0.05)
+
+        calls[f"{role} inference + post-processing"] = (infer, 1)
+
+    with torch.no_grad(), autocast(device, setting.dtype):
+        outputs = inference_models["student"](pixel_values=image)
+    calls["post-processing alone (student outputs)"] = (
+        lambda: processor.post_process_object_detection(outputs, threshold=0.05),
+        1,
+    )
+    return calls
 
 
 def environment(device: torch.device) -> dict:
@@ -305,26 +369,25 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def markdown_table(report: dict) -> str:
-    args, env = report["config"], report["environment"]
-    student_width = args["student_width"] or args["width"]
+def markdown_table(run: dict, config: dict, env: dict) -> str:
+    """The measurements of one family and setting."""
+    student_width = config["student_width"] or config["width"]
     lines = [
-        f"Student GFL {args['student']} ({student_width} wide), teacher GFL {args['teacher']} ({args['width']} wide), "
-        f"{args['stacked_convs']} stacked convs, {args['num_labels']} classes; train batch {args['batch_size']} x 3x"
-        f"{args['image_size']}x{args['image_size']}, {args['boxes_per_image']} boxes per image; inference 1 x 3x"
-        f"{args['inference_size']}x{args['inference_size']}. {args['dtype']}"
-        f"{', channels_last' if args['channels_last'] else ''}{', torch.compile' if args['compile'] else ''}; "
-        f"{env['device_name']} ({env['device']}, {env['threads']} threads); torch {env['torch']}, transformers "
-        f"{env['transformers']}, timm {env['timm']}. Median and min of {args['repeats']} calls (round robin) after "
-        f"{args['warmup']} warm-up calls.",
+        f"{run['family']} student {config['student']} ({student_width} wide), teacher {config['teacher']} "
+        f"({config['width']} wide), {config['stacked_convs']} stacked convs, {config['num_labels']} classes; train "
+        f"batch {config['batch_size']} x 3x{config['image_size']}x{config['image_size']}, {config['boxes_per_image']} "
+        f"boxes per image; inference 1 x 3x{config['inference_size']}x{config['inference_size']}. Setting "
+        f"{run['setting']}{', torch.compile' if config['compile'] else ''}; {env['device_name']} ({env['device']}, "
+        f"{env['threads']} threads); torch {env['torch']}, transformers {env['transformers']}, timm {env['timm']}. "
+        f"Median and min of {config['repeats']} calls (round robin) after {config['warmup']} warm-up calls.",
         "",
         "| measurement | median ms | min ms | images/s | peak memory MiB | GFLOP | ratio (median) | ratio (min) | "
         "ratio (FLOP) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for result in report["results"]:
+    for result in run["results"]:
         method = result["name"].removeprefix("distill step ")
-        ratio = report["ratios"].get(method, {})
+        ratio = run["ratios"].get(method, {})
         ratio = " | ".join(
             "" if ratio.get(key) is None else f"{ratio[key]:.3f}" for key in ("median_ms", "min_ms", "gflop")
         )
@@ -334,100 +397,73 @@ def markdown_table(report: dict) -> str:
             f"| {result['name']} | {result['median_ms']:.1f} | {result['min_ms']:.1f} | "
             f"{result['images_per_second']:.2f} | {memory} | {gflop} | {ratio} |"
         )
-    kind = report["results"][0]["memory_kind"]
+    return "\n".join(lines)
+
+
+def summary_table(report: dict) -> str:
+    """The distill-step ratios of every family, setting and method, in one table."""
+    lines = [
+        "| family | setting | method | distill step median ms | student step + teacher forward ms | ratio (median) "
+        "| ratio (min) | ratio (FLOP) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for run in report["runs"]:
+        by_name = {result["name"]: result for result in run["results"]}
+        alone = by_name["student train step"]["median_ms"] + by_name["teacher forward (no grad)"]["median_ms"]
+        for method, ratio in run["ratios"].items():
+            flop = "n/a" if ratio["gflop"] is None else f"{ratio['gflop']:.3f}"
+            lines.append(
+                f"| {run['family']} | {run['setting']} | {method} | {by_name[f'distill step {method}']['median_ms']:.1f}"
+                f" | {alone:.1f} | {ratio['median_ms']:.3f} | {ratio['min_ms']:.3f} | {flop} |"
+            )
+    kind = report["runs"][0]["results"][0]["memory_kind"]
     lines += [
         "",
+        "Ratio: distill step / (student train step + teacher forward), of the medians, of the mins and of the FLOPs. "
         "Peak memory: what one call adds, "
         + (
             "CUDA max allocated during the call minus the allocated memory before it."
             if kind == "cuda_max_allocated_delta"
             else "growth of the peak RSS during the call over the RSS before it (after malloc_trim)."
         )
-        + " GFLOP: convolutions and matrix products of one call (forward and backward), by torch's FlopCounterMode."
-        " Ratio: distill step / (student train step + teacher forward), of the medians, of the mins and of the FLOPs.",
+        + " GFLOP: convolutions and matrix products of one call (forward and backward), by torch's FlopCounterMode.",
     ]
     return "\n".join(lines)
 
 
-def build_calls(
-    args: argparse.Namespace, device: torch.device, workdir: str
-) -> dict[str, tuple[Callable[[], object], int]]:
-    """The measured functions (name: function, images per call), on fresh copies of one student and one teacher."""
-    torch.manual_seed(args.seed)
-    student = GFLForObjectDetection(detector_config(args.student, args.student_width or args.width, args))
-    teacher = GFLForObjectDetection(detector_config(args.teacher, args.width, args)).eval().requires_grad_(False)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    batch = make_batch(args.batch_size, args.image_size, args.boxes_per_image, args.num_labels, device, args.seed)
-    batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=memory_format)
-    image = torch.randn(1, 3, args.inference_size, args.inference_size, generator=torch.Generator().manual_seed(1))
-    image = image.to(device).contiguous(memory_format=memory_format)
-    inference_models = {"student": copy.deepcopy(student).eval(), "teacher": copy.deepcopy(teacher)}
-    if args.postprocess_load == "full":
-        for model in inference_models.values():
-            torch.nn.init.zeros_(model.head.gfl_cls.bias)
-    prepare(teacher, device, args)
-
-    step = train_step(prepare(copy.deepcopy(student), device, args), None, "none", batch, workdir, args)
-    calls = {"student train step": (step, args.batch_size)}
-
-    def teacher_forward() -> None:
-        with torch.no_grad(), autocast(args):
-            teacher(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], output_detections=False)
-
-    calls["teacher forward (no grad)"] = (teacher_forward, args.batch_size)
-    for method in args.methods:
-        step = train_step(prepare(copy.deepcopy(student), device, args), teacher, method, batch, workdir, args)
-        calls[f"distill step {method}"] = (step, args.batch_size)
-
-    for role, model in inference_models.items():
-        prepare(model, device, args)
-
-        def infer(model: GFLForObjectDetection = model) -> None:
-            with torch.no_grad(), autocast(args):
-                model(pixel_values=image)
-
-        calls[f"{role} inference + post-processing"] = (infer, 1)
-
-    with torch.no_grad(), autocast(args):
-        outputs = inference_models["student"](pixel_values=image, output_detections=False)
-    config = inference_models["student"].config
-    calls["post-processing alone (student outputs)"] = (
-        lambda: detect(
-            outputs, config.score_threshold, config.pre_nms_topk, config.nms_iou_threshold, config.max_detections
-        ),
-        1,
-    )
-    return calls
-
-
 def main(argv: list[str] | None = None) -> dict:
-    """Runs the benchmark; prints the Markdown table, writes `--json` and returns the report."""
+    """Runs the benchmark; prints the Markdown tables, writes `--json` and returns the report."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     logging.getLogger("timm").setLevel(logging.ERROR)
     device = torch.device(args.device)
-    with tempfile.TemporaryDirectory() as workdir:
-        results = benchmark(build_calls(args, device, workdir), device, args)
-
-    by_name = {result["name"]: result for result in results}
-    alone = [by_name["student train step"], by_name["teacher forward (no grad)"]]
-    ratios = {}
-    for method in args.methods:
-        distill = by_name[f"distill step {method}"]
-        ratios[method] = {
-            key: None if distill[key] is None else distill[key] / sum(result[key] for result in alone)
-            for key in ("median_ms", "min_ms", "gflop")
-        }
-
     report = {
         "config": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "environment": environment(device),
-        "results": results,
-        "ratios": ratios,
+        "runs": [],
     }
-    print(markdown_table(report))
+    for family in args.families:
+        for name in args.settings:
+            print(f"{family}, {name}:", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory() as workdir:
+                results = benchmark(build_calls(family, SETTINGS[name], args, device, workdir), device, args)
+            by_name = {result["name"]: result for result in results}
+            alone = [by_name["student train step"], by_name["teacher forward (no grad)"]]
+            ratios = {
+                method: {
+                    key: None
+                    if by_name[f"distill step {method}"][key] is None
+                    else by_name[f"distill step {method}"][key] / sum(result[key] for result in alone)
+                    for key in ("median_ms", "min_ms", "gflop")
+                }
+                for method in args.methods
+            }
+            run = {"family": family, "setting": name, "results": results, "ratios": ratios}
+            report["runs"].append(run)
+            print(markdown_table(run, report["config"], report["environment"]) + "\n")
+    print(summary_table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

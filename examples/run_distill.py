@@ -38,8 +38,8 @@ from hf_kd.data import (
     load_prepared_coco_detection,
     prepare_coco_detection,
 )
-from hf_kd.distill import DistillationArguments, DistillationTrainer, coco_compute_metrics
-from hf_kd.metrics import build_coco_ground_truth
+from hf_kd.distill import DistillationArguments, DistillationTrainer
+from hf_kd.metrics import build_coco_ground_truth, coco_compute_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         teacher=teacher,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=DetectionCollator(image_processor, train_transform),
+        data_collator=DetectionCollator(image_processor, train_transform, configure_workers=True),
         eval_data_collator=DetectionCollator(image_processor),
         processing_class=image_processor,
         compute_metrics=coco_compute_metrics(ground_truth, id2label) if ground_truth is not None else None,

@@ -1,61 +1,79 @@
-"""hf_kd: knowledge distillation (CrossKD, BCKD) for GFL dense object detectors with timm backbones."""
+"""hf_kd: knowledge distillation (CrossKD, BCKD, PKD) for dense object detectors with timm backbones.
 
-from .convert.mmdet import convert_mmdet_checkpoint
-from .data import (
-    CocoDetectionSource,
-    DetectionCategories,
-    DetectionCollator,
-    DetectionDataError,
-    DetectionTransform,
-    export_coco_to_parquet,
-    format_detection_dataset,
-    get_id2label,
-    load_coco_detection,
-    load_detection_dataset,
-    read_coco_detection,
-)
-from .distill import (
-    DistillationArguments,
-    DistillationConfig,
-    DistillationTrainer,
-    GFLDistillationLoss,
-    coco_compute_metrics,
-)
-from .metrics import CocoDetectionMAP, build_coco_ground_truth, coco_reference
-from .models.gfl import (
+`import hf_kd` registers the detectors with the transformers Auto classes and imports torch, transformers and timm
+only; the data, metrics, distillation and conversion tools (datasets, evaluate, pandas, the Trainer) are imported on
+first use of one of their names.
+"""
+
+import importlib
+
+from .models.detection import (
+    DenseDetectionImageProcessor,
+    DenseDetectionOutput,
+    DenseDetectorConfig,
+    DenseDetectorPreTrainedModel,
     GFLConfig,
     GFLForObjectDetection,
     GFLImageProcessor,
-    GFLObjectDetectionOutput,
     GFLPreTrainedModel,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# Public name -> the submodule that defines it, imported on first access.
+_LAZY_NAMES = {
+    "convert_mmdet_checkpoint": ".convert.mmdet",
+    **dict.fromkeys(
+        (
+            "CocoDetectionSource",
+            "DetectionCategories",
+            "DetectionCollator",
+            "DetectionDataError",
+            "DetectionTransform",
+            "export_coco_to_parquet",
+            "format_detection_dataset",
+            "get_id2label",
+            "load_coco_detection",
+            "load_detection_dataset",
+            "read_coco_detection",
+        ),
+        ".data",
+    ),
+    **dict.fromkeys(
+        (
+            "DetectionDistiller",
+            "DistillationArguments",
+            "DistillationConfig",
+            "DistillationOutput",
+            "DistillationTrainer",
+            "coco_compute_metrics",
+        ),
+        ".distill",
+    ),
+    **dict.fromkeys(("CocoDetectionMAP", "build_coco_ground_truth", "coco_reference"), ".metrics"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_NAMES))
+
 
 __all__ = [
-    "CocoDetectionMAP",
-    "CocoDetectionSource",
-    "DetectionCategories",
-    "DetectionCollator",
-    "DetectionDataError",
-    "DetectionTransform",
-    "DistillationArguments",
-    "DistillationConfig",
-    "DistillationTrainer",
+    "DenseDetectionImageProcessor",
+    "DenseDetectionOutput",
+    "DenseDetectorConfig",
+    "DenseDetectorPreTrainedModel",
     "GFLConfig",
-    "GFLDistillationLoss",
     "GFLForObjectDetection",
     "GFLImageProcessor",
-    "GFLObjectDetectionOutput",
     "GFLPreTrainedModel",
-    "build_coco_ground_truth",
-    "coco_compute_metrics",
-    "coco_reference",
-    "convert_mmdet_checkpoint",
-    "export_coco_to_parquet",
-    "format_detection_dataset",
-    "get_id2label",
-    "load_coco_detection",
-    "load_detection_dataset",
-    "read_coco_detection",
+    *_LAZY_NAMES,
 ]

@@ -24,9 +24,11 @@ def speed():
 
 
 def test_speed_benchmark_tiny(speed, tmp_path, capsys):
-    report = speed.main([*TINY, "--student_width", "32", "--json", str(tmp_path / "speed.json")])
+    report = speed.main([*TINY, "--student_width", "32", "--settings", "fp32", "--json", str(tmp_path / "speed.json")])
 
-    names = [result["name"] for result in report["results"]]
+    (run,) = report["runs"]
+    assert (run["family"], run["setting"]) == ("gfl", "fp32")
+    names = [result["name"] for result in run["results"]]
     assert names == [
         "student train step",
         "teacher forward (no grad)",
@@ -37,16 +39,19 @@ def test_speed_benchmark_tiny(speed, tmp_path, capsys):
         "teacher inference + post-processing",
         "post-processing alone (student outputs)",
     ]
-    assert all(result["median_ms"] > 0 and len(result["times_ms"]) == 1 for result in report["results"])
-    assert set(report["ratios"]) == {"crosskd", "crosskd+pkd", "bckd"}
-    assert all(ratio["median_ms"] > 0 and ratio["gflop"] > 0.99 for ratio in report["ratios"].values())
+    assert all(result["median_ms"] > 0 and len(result["times_ms"]) == 1 for result in run["results"])
+    assert set(run["ratios"]) == {"crosskd", "crosskd+pkd", "bckd"}
+    assert all(ratio["median_ms"] > 0 and ratio["gflop"] > 0.99 for ratio in run["ratios"].values())
     assert json.loads((tmp_path / "speed.json").read_text()) == json.loads(json.dumps(report))
     assert {"device_name", "torch", "transformers", "timm", "threads"} <= set(report["environment"])
     table = capsys.readouterr().out
     assert "| distill step crosskd+pkd |" in table and "ratio (FLOP)" in table
+    assert "| gfl | fp32 | crosskd+pkd |" in table
 
 
-def test_speed_benchmark_options(speed):
-    report = speed.main([*TINY, "--methods", "bckd", "--dtype", "bf16", "--channels_last"])
-    assert [result["name"] for result in report["results"]][2] == "distill step bckd"
-    assert report["config"]["dtype"] == "bf16" and report["config"]["channels_last"]
+def test_speed_benchmark_settings(speed, capsys):
+    report = speed.main([*TINY, "--methods", "bckd", "--settings", "bf16+channels_last", "fp32+teacher_bf16"])
+    assert [run["setting"] for run in report["runs"]] == ["bf16+channels_last", "fp32+teacher_bf16"]
+    assert all([result["name"] for result in run["results"]][2] == "distill step bckd" for run in report["runs"])
+    table = capsys.readouterr().out
+    assert "| gfl | bf16+channels_last | bckd |" in table and "| gfl | fp32+teacher_bf16 | bckd |" in table

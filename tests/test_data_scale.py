@@ -19,6 +19,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 from pycocotools.coco import COCO
 
+from hf_kd import GFLImageProcessor
 from hf_kd.data import DetectionCollator, DetectionDataError, get_id2label, read_coco_detection
 from hf_kd.data import parquet as parquet_module
 from hf_kd.data import prepared as prepared_module
@@ -29,7 +30,6 @@ from hf_kd.data.prepared import (
     load_prepared_coco_detection,
     prepare_coco_detection,
 )
-from hf_kd.models.gfl.image_processing_gfl import GFLImageProcessor
 
 SCALE = 0.002  # 237 images, 1,720 annotations, 18 crowd regions, 2 empty images
 

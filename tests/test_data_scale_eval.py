@@ -11,9 +11,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval, Params
 from transformers import EvalPrediction
 
-from hf_kd.distill import trainer as trainer_module
-from hf_kd.distill.trainer import coco_compute_metrics
-from hf_kd.metrics import COCO_STAT_NAMES, CocoDetectionMAP, DetectionArrays, GroundTruthArrays
+from hf_kd.metrics import COCO_STAT_NAMES, CocoDetectionMAP, DetectionArrays, GroundTruthArrays, coco_compute_metrics
+from hf_kd.metrics import compute_metrics as compute_metrics_module
 from hf_kd.metrics.numpy_cocoeval import numpy_cocoeval
 
 
@@ -250,23 +249,23 @@ def test_coco_compute_metrics_single_process(bccd_dir, monkeypatch):
 
 def test_coco_compute_metrics_other_processes_get_the_main_process_numbers(bccd_dir, monkeypatch):
     path = bccd_dir / "annotations_val.json"
-    monkeypatch.setattr(trainer_module, "PartialState", lambda: _FakeState(main=False, processes=2))
+    monkeypatch.setattr(compute_metrics_module, "PartialState", lambda: _FakeState(main=False, processes=2))
     sent = {"map": 0.5}
-    monkeypatch.setattr(trainer_module, "broadcast_object_list", lambda objects, from_process: [sent, None])
+    monkeypatch.setattr(compute_metrics_module, "broadcast_object_list", lambda objects, from_process: [sent, None])
     monkeypatch.setattr(CocoDetectionMAP, "__init__", lambda *a, **k: pytest.fail("built on a non-main process"))
     assert coco_compute_metrics(path)(EvalPrediction(predictions=[], label_ids=[])) == sent
 
-    monkeypatch.setattr(trainer_module, "broadcast_object_list", lambda objects, from_process: [None, "ValueError: x"])
+    monkeypatch.setattr(compute_metrics_module, "broadcast_object_list", lambda objects, from_process: [None, "ValueError: x"])
     with pytest.raises(RuntimeError, match="failed on the main process: ValueError: x"):
         coco_compute_metrics(path)(EvalPrediction(predictions=[], label_ids=[]))
 
 
 def test_coco_compute_metrics_main_process_broadcasts_errors(bccd_dir, monkeypatch):
     path = bccd_dir / "annotations_val.json"
-    monkeypatch.setattr(trainer_module, "PartialState", lambda: _FakeState(main=True, processes=2))
+    monkeypatch.setattr(compute_metrics_module, "PartialState", lambda: _FakeState(main=True, processes=2))
     payloads = []
     monkeypatch.setattr(
-        trainer_module, "broadcast_object_list", lambda objects, from_process: payloads.append(objects) or objects
+        compute_metrics_module, "broadcast_object_list", lambda objects, from_process: payloads.append(objects) or objects
     )
     bad = EvalPrediction(
         predictions=[np.zeros((1, 1, 6), np.float32)], label_ids=[np.array([123456789])]

@@ -5,26 +5,30 @@ priors and valid flags, ATSS assignment, targets, losses of the three ground-tru
 teacher's narrow ResNet-50 is not a timm model, so its head is checked from its saved FPN outputs.
 """
 
-import json
-
 import pytest
 import torch
+from golden_utils import (
+    FEATURE_TOLERANCE,
+    LOSS_TOLERANCE,
+    NUM_LEVELS,
+    SCENARIOS,
+    assert_detections_match,
+    golden_pixel_mask,
+    ground_truth,
+    load_golden,
+    mmdet_detections,
+    per_level_maps,
+    per_level_sums,
+)
 from safetensors.torch import load_file
 
 from hf_kd import GFLConfig, GFLForObjectDetection, GFLImageProcessor
 from hf_kd.convert.mmdet import convert_state_dict, load_converted_weights
-from hf_kd.models.gfl.modeling_gfl import atss_assign, box_iou, detect, pad_ground_truth
+from hf_kd.models.detection.assigners import atss_assign
+from hf_kd.models.detection.box_ops import box_iou
+from hf_kd.models.detection.priors import level_sizes
 
-SCENARIOS = ("main", "one_empty", "all_empty")
 LOSS_NAMES = ("loss_cls", "loss_bbox", "loss_dfl")
-NUM_LEVELS = 5
-# golden/README.md: features and logits within atol = rtol = 1e-4 (thread count alone moves head outputs by 6e-6).
-FEATURE_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
-# Losses within rtol 1e-4; the atol only absorbs -0.0 vs 0.0 and float noise on levels without positives.
-LOSS_TOLERANCE = {"atol": 1e-7, "rtol": 1e-4}
-# Boxes are in pixels (up to ~2000 before clipping): a side is the expected bin (<= 16) times the stride (<= 128), so
-# a 1e-5 change of the box logits moves it by up to ~1e-3 px; rtol 1e-4 covers the large coordinates.
-BOX_TOLERANCE = {"atol": 1e-3, "rtol": 1e-4}
 
 
 def student_config() -> GFLConfig:
@@ -41,51 +45,21 @@ def teacher_config() -> GFLConfig:
     )
 
 
-def golden_pixel_mask() -> torch.Tensor:
-    """Image 0 fills the 256x320 batch; image 1 is 200x250 (golden img_metas)."""
-    pixel_mask = torch.zeros(2, 256, 320, dtype=torch.long)
-    pixel_mask[0] = 1
-    pixel_mask[1, :200, :250] = 1
-    return pixel_mask
-
-
-def per_level_maps(flat: torch.Tensor, spatial_shapes: tuple[tuple[int, int], ...]) -> list[torch.Tensor]:
-    """`(B, Q, C)` per-prior values back to MMDetection's per-level `(B, C, H, W)` maps."""
-    sizes = [height * width for height, width in spatial_shapes]
-    return [
-        chunk.transpose(1, 2).reshape(len(flat), -1, height, width)
-        for chunk, (height, width) in zip(flat.split(sizes, dim=1), spatial_shapes)
-    ]
-
-
-def per_level_sums(per_prior: torch.Tensor, num_per_level: tuple[int, ...]) -> torch.Tensor:
-    return torch.stack([chunk.sum() for chunk in per_prior.split(num_per_level, dim=1)])
-
-
-def ground_truth(targets: dict[str, torch.Tensor], scenario: str) -> list[dict[str, torch.Tensor]]:
-    return [
-        {"boxes": targets[f"gt/{scenario}/img{i}/bboxes"], "class_labels": targets[f"gt/{scenario}/img{i}/labels"]}
-        for i in range(2)
-    ]
+def head_outputs(model: GFLForObjectDetection, feature_maps: list[torch.Tensor], image_sizes: torch.Tensor):
+    """The model's outputs from given FPN outputs (the teacher's saved ones)."""
+    maps = [model.head(feature, level) for level, feature in enumerate(feature_maps)]
+    return model.detection_outputs(maps, feature_maps, image_sizes)
 
 
 @pytest.fixture(scope="module")
 def golden(golden_dir):
     """The golden files, the converted student and its outputs from the input pixels."""
-    data = {
-        "pixel_values": load_file(golden_dir / "inputs.safetensors")["inputs"],
-        "pixel_mask": golden_pixel_mask(),
-        "targets": load_file(golden_dir / "targets.safetensors"),
-        "losses": json.loads((golden_dir / "losses.json").read_text()),
-        "manifest": json.loads((golden_dir / "manifest.json").read_text()),
-        "saved": {
-            "student": load_file(golden_dir / "student_outputs.safetensors"),
-            "teacher": load_file(golden_dir / "teacher_outputs.safetensors"),
-        },
-        "teacher_weights": load_file(golden_dir / "teacher_r50.safetensors"),
-    }
+    data = load_golden(golden_dir)
+    data["pixel_values"] = data["inputs"]["inputs"]
+    data["pixel_mask"] = golden_pixel_mask()
+    data["saved"] = {"student": data["student_outputs"], "teacher": data["teacher_outputs"]}
     student = GFLForObjectDetection(student_config())
-    load_converted_weights(student, load_file(golden_dir / "student_r18.safetensors"))
+    load_converted_weights(student, data["student_r18"])
     student.eval()
     with torch.no_grad():
         data["backbone_features"] = student.backbone(data["pixel_values"])
@@ -98,16 +72,14 @@ def golden(golden_dir):
 def golden_with_teacher(golden):
     """Adds the teacher: FPN and head weights loaded, head run on the saved teacher FPN outputs."""
     teacher = GFLForObjectDetection(teacher_config())
-    weights = convert_state_dict({k: v for k, v in golden["teacher_weights"].items() if not k.startswith("backbone.")})
+    weights = convert_state_dict({k: v for k, v in golden["teacher_r50"].items() if not k.startswith("backbone.")})
     missing, unexpected = teacher.load_state_dict(weights, strict=False)
     assert unexpected == [] and missing and all(key.startswith("backbone.") for key in missing)
     teacher.eval()
     feature_maps = [golden["saved"]["teacher"][f"neck/{level}"] for level in range(NUM_LEVELS)]
     with torch.no_grad():
-        outputs = teacher.head_outputs(feature_maps, golden["outputs"]["student"].image_sizes)
-        outputs.detections = detect(outputs)  # the config's test settings are MMDetection's test_cfg
+        golden["outputs"]["teacher"] = head_outputs(teacher, feature_maps, golden["outputs"]["student"].image_sizes)
     golden["models"]["teacher"] = teacher
-    golden["outputs"]["teacher"] = outputs
     return golden
 
 
@@ -132,8 +104,9 @@ def test_fpn_features(golden):
 
 def test_priors_and_valid_flags(golden):
     outputs, targets = golden["outputs"]["student"], golden["targets"]
-    priors = outputs.priors.boxes.split(outputs.priors.num_per_level)
-    valid = outputs.valid_mask.split(outputs.priors.num_per_level, dim=1)
+    sizes = level_sizes(outputs.feature_maps, len(outputs.priors))
+    priors = outputs.priors.split(sizes)
+    valid = outputs.valid_mask.split(sizes, dim=1)
     for level in range(NUM_LEVELS):
         torch.testing.assert_close(priors[level], targets[f"priors/{level}"], atol=0, rtol=0)
         for image in range(2):
@@ -146,9 +119,10 @@ def test_priors_and_valid_flags(golden):
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_atss_assignment(golden, scenario):
-    outputs, targets = golden["outputs"]["student"], golden["targets"]
-    gt_boxes, gt_classes, gt_mask = pad_ground_truth(ground_truth(targets, scenario), outputs.valid_mask.device)
-    assigned, positive = atss_assign(outputs.priors, outputs.valid_mask, gt_boxes, gt_mask, topk=9)
+    model, outputs, targets = golden["models"]["student"], golden["outputs"]["student"], golden["targets"]
+    gt = model.prepare_ground_truth(ground_truth(targets, scenario), outputs.image_sizes)
+    sizes = level_sizes(outputs.feature_maps, len(outputs.priors))
+    assigned, positive = atss_assign(outputs.priors, sizes, outputs.valid_mask, gt, topk=9)
     for image in range(2):
         inside = outputs.valid_mask[image]  # MMDetection's assigner only sees the inside (valid) priors
         expected = {name: targets[f"assign/{scenario}/img{image}/{name}"] for name in ("assigned_gt_inds", "labels")}
@@ -157,10 +131,10 @@ def test_atss_assignment(golden, scenario):
             torch.where(ours_positive, ours_assigned + 1, 0), expected["assigned_gt_inds"], atol=0, rtol=0
         )
         torch.testing.assert_close(
-            torch.where(ours_positive, gt_classes[image, ours_assigned], -1), expected["labels"], atol=0, rtol=0
+            torch.where(ours_positive, gt.classes[image, ours_assigned], -1), expected["labels"], atol=0, rtol=0
         )
         # max_overlaps: the IoU of each positive prior with its box (-INF or 0 elsewhere, nothing to compare)
-        overlaps = box_iou(outputs.priors.boxes[inside], gt_boxes[image, ours_assigned])
+        overlaps = box_iou(outputs.priors[inside], gt.boxes[image, ours_assigned])
         expected_overlaps = targets[f"assign/{scenario}/img{image}/max_overlaps"]
         torch.testing.assert_close(overlaps[ours_positive], expected_overlaps[ours_positive], atol=1e-6, rtol=1e-5)
     num_positive = golden["losses"][f"targets/{scenario}/num_pos"]
@@ -172,19 +146,20 @@ def test_atss_assignment(golden, scenario):
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_targets(golden, scenario):
     model, outputs, expected = golden["models"]["student"], golden["outputs"]["student"], golden["targets"]
-    _, targets = model.loss_terms(outputs, ground_truth(expected, scenario))
-    sizes = outputs.priors.num_per_level
-    for level, (labels, boxes, positive, valid) in enumerate(
+    gt = model.prepare_ground_truth(ground_truth(expected, scenario), outputs.image_sizes)
+    targets = model.loss_function.targets(outputs, gt)
+    sizes = level_sizes(outputs.feature_maps, len(outputs.priors))
+    for level, (labels, boxes, positive, weights) in enumerate(
         zip(
             targets.labels.split(sizes, dim=1),
-            targets.boxes.split(sizes, dim=1),
+            targets.box_targets.split(sizes, dim=1),
             targets.positive.split(sizes, dim=1),
-            targets.valid.split(sizes, dim=1),
+            targets.label_weights.split(sizes, dim=1),
         )
     ):
         prefix = f"targets/{scenario}"
         torch.testing.assert_close(labels, expected[f"{prefix}/labels/{level}"], atol=0, rtol=0)
-        torch.testing.assert_close(valid.float(), expected[f"{prefix}/label_weights/{level}"], atol=0, rtol=0)
+        torch.testing.assert_close(weights, expected[f"{prefix}/label_weights/{level}"], atol=0, rtol=0)
         expected_positive = expected[f"{prefix}/bbox_weights/{level}"] > 0
         assert torch.equal(expected_positive, positive[..., None].expand_as(expected_positive)), level
         # bbox targets are the gt box for positives; MMDetection writes 0 elsewhere, hf_kd the prior box (unused)
@@ -201,8 +176,8 @@ def test_targets(golden, scenario):
 @pytest.mark.parametrize("name", ["student", "teacher"])
 def test_head_outputs(golden_with_teacher, name):
     outputs, saved = golden_with_teacher["outputs"][name], golden_with_teacher["saved"][name]
-    cls_scores = per_level_maps(outputs.logits, outputs.spatial_shapes)
-    bbox_preds = per_level_maps(outputs.box_logits.flatten(2), outputs.spatial_shapes)  # channel = side * 17 + bin
+    cls_scores = per_level_maps(outputs.logits, outputs.feature_maps)
+    bbox_preds = per_level_maps(outputs.bbox_regression, outputs.feature_maps)  # channel = side * 17 + bin
     for level in range(NUM_LEVELS):
         torch.testing.assert_close(cls_scores[level], saved[f"cls_scores/{level}"], **FEATURE_TOLERANCE)
         torch.testing.assert_close(bbox_preds[level], saved[f"bbox_preds/{level}"], **FEATURE_TOLERANCE)
@@ -213,11 +188,11 @@ def test_head_outputs(golden_with_teacher, name):
 def test_losses_per_level(golden_with_teacher, name, scenario):
     golden = golden_with_teacher
     model, outputs = golden["models"][name], golden["outputs"][name]
-    labels = ground_truth(golden["targets"], scenario)
+    gt = model.prepare_ground_truth(ground_truth(golden["targets"], scenario), outputs.image_sizes)
     with torch.no_grad():
-        terms, _ = model.loss_terms(outputs, labels)
+        terms = model.loss_function.loss_maps(outputs, model.loss_function.targets(outputs, gt))
     for loss_name in LOSS_NAMES:
-        actual = per_level_sums(terms[loss_name], outputs.priors.num_per_level)
+        actual = per_level_sums(terms[loss_name], outputs.feature_maps)
         expected = torch.stack([golden["saved"][name][f"losses/{scenario}/{loss_name}/{level}"] for level in range(5)])
         as_numbers = [golden["losses"][f"{name}/gfl/{scenario}/{loss_name}/{level}"] for level in range(5)]
         torch.testing.assert_close(actual, expected, **LOSS_TOLERANCE, msg=f"{name} {scenario} {loss_name}")
@@ -237,7 +212,6 @@ def test_forward_loss_from_pixels(golden, scenario):
             pixel_mask=golden["pixel_mask"],
             labels=ground_truth(golden["targets"], scenario),
         )
-    assert outputs.detections is None  # no post-processing when computing losses
     expected = {
         name: sum(golden["losses"][f"student/gfl/{scenario}/{name}/{level}"] for level in range(5))
         for name in LOSS_NAMES
@@ -248,31 +222,24 @@ def test_forward_loss_from_pixels(golden, scenario):
     torch.testing.assert_close(outputs.loss, torch.tensor(sum(expected.values())), **LOSS_TOLERANCE)
 
 
-def assert_detections_match(actual: list[dict], saved: dict[str, torch.Tensor], key: str) -> None:
-    for image, detections in enumerate(actual):
-        prefix = f"{key}/img{image}"
-        assert len(detections["scores"]) == len(saved[f"{prefix}/scores"]) > 0, prefix
-        torch.testing.assert_close(detections["labels"], saved[f"{prefix}/labels"], atol=0, rtol=0, msg=prefix)
-        torch.testing.assert_close(detections["scores"], saved[f"{prefix}/scores"], **FEATURE_TOLERANCE, msg=prefix)
-        torch.testing.assert_close(detections["boxes"], saved[f"{prefix}/bboxes"], **BOX_TOLERANCE, msg=prefix)
-
-
 @pytest.mark.parametrize("name", ["student", "teacher"])
 def test_detections(golden_with_teacher, name):
+    """The image processor's post-processing (MMDetection's test settings, score threshold 0.05) in the input frame."""
     outputs, saved = golden_with_teacher["outputs"][name], golden_with_teacher["saved"][name]
-    assert_detections_match(outputs.detections, saved, "det")
+    detections = GFLImageProcessor().post_process_object_detection(outputs, threshold=0.05)
+    assert_detections_match(detections, saved, "det")
     num_detections = golden_with_teacher["manifest"]["num_detections"][name]
-    assert [len(detections["scores"]) for detections in outputs.detections] == num_detections["det"]
+    assert [len(image["scores"]) for image in detections] == num_detections["det"]
 
 
 @pytest.mark.parametrize("name", ["student", "teacher"])
 def test_detections_before_nms(golden_with_teacher, name):
     outputs, saved = golden_with_teacher["outputs"][name], golden_with_teacher["saved"][name]
     # MMDetection's with_nms=False: score threshold and per-level top-k only, level by level, no max_per_img cap
-    candidates = detect(outputs, nms_iou_threshold=None, max_detections=None)
+    candidates = mmdet_detections(outputs, nms_iou_threshold=None, max_detections=None)
     assert_detections_match(candidates, saved, "det_prenms")
     # the default max_detections (100) only applies after NMS
-    assert [len(c["scores"]) for c in detect(outputs, nms_iou_threshold=None)] == [
+    assert [len(c["scores"]) for c in mmdet_detections(outputs, nms_iou_threshold=None)] == [
         len(c["scores"]) for c in candidates
     ]
 
@@ -287,6 +254,17 @@ def test_detections_rescaled(golden_with_teacher, name):
     assert_detections_match(results, saved, "det_rescaled")
 
 
+def test_caller_threshold_below_the_test_setting_is_honoured(golden_with_teacher):
+    """A threshold below MMDetection's 0.05 gives the candidates MMDetection would discard (post-processing is not
+    done in `forward` with the config's threshold)."""
+    outputs = golden_with_teacher["outputs"]["teacher"]
+    processor = GFLImageProcessor()
+    at_test_setting = processor.post_process_object_detection(outputs, threshold=0.05, max_detections=1000)
+    lower = processor.post_process_object_detection(outputs, threshold=0.01, max_detections=1000)
+    assert all(len(low["scores"]) > len(test["scores"]) for low, test in zip(lower, at_test_setting))
+    assert all((low["scores"] > 0.01).all() and (low["scores"] <= 0.05).any() for low in lower)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Teacher checkpoint
 # ---------------------------------------------------------------------------------------------------------------------
@@ -299,4 +277,12 @@ def test_teacher_backbone_is_not_a_timm_resnet50(golden):
     with pytest.raises(
         ValueError, match=r"backbone\.conv1\.weight: checkpoint \(16, 3, 7, 7\) vs model \(64, 3, 7, 7\)"
     ):
-        load_converted_weights(teacher, golden["teacher_weights"])
+        load_converted_weights(teacher, golden["teacher_r50"])
+
+
+def test_golden_student_weights_are_loaded_from_the_file(golden_dir):
+    """The converted student holds exactly the file's tensors (a guard against a silently skipped load)."""
+    weights = load_file(golden_dir / "student_r18.safetensors")
+    model = GFLForObjectDetection(student_config())
+    load_converted_weights(model, weights)
+    torch.testing.assert_close(model.head.gfl_cls.weight, weights["bbox_head.gfl_cls.weight"], atol=0, rtol=0)

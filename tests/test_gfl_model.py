@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetec
 
 from hf_kd import GFLConfig, GFLForObjectDetection, GFLImageProcessor, convert_mmdet_checkpoint
 from hf_kd.convert.mmdet import load_converted_weights
-from hf_kd.models.gfl.image_processing_gfl import get_resize_output_size
+from hf_kd.models.detection.image_processing_dense import get_resize_output_size
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_LABELS = {0: "cat", 1: "dog", 2: "bird"}
@@ -78,14 +78,17 @@ def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
     return path
 
 
+def detections(outputs) -> list[dict[str, torch.Tensor]]:
+    return GFLImageProcessor().post_process_object_detection(outputs, threshold=0.05)
+
+
 def assert_same_outputs(outputs, expected) -> None:
-    for name in ("logits", "box_logits", "pred_boxes"):
+    for name in ("logits", "bbox_regression", "pred_boxes"):
         torch.testing.assert_close(getattr(outputs, name), getattr(expected, name), atol=0, rtol=0, msg=name)
-    assert len(outputs.detections) == len(expected.detections)
-    for detections, expected_detections in zip(outputs.detections, expected.detections):
-        assert len(expected_detections["scores"]) > 0
+    for image, expected_image in zip(detections(outputs), detections(expected), strict=True):
+        assert len(expected_image["scores"]) > 0
         for key in ("boxes", "scores", "labels"):
-            torch.testing.assert_close(detections[key], expected_detections[key], atol=0, rtol=0, msg=key)
+            torch.testing.assert_close(image[key], expected_image[key], atol=0, rtol=0, msg=key)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -144,8 +147,8 @@ for obj in (model, processor):
     assert type(obj).__module__.startswith("transformers_modules."), type(obj).__module__
 with torch.no_grad():
     outputs = model(**load_file(inputs_path))
-tensors = {"logits": outputs.logits, "box_logits": outputs.box_logits, "pred_boxes": outputs.pred_boxes}
-for image, detections in enumerate(outputs.detections):
+tensors = {"logits": outputs.logits, "bbox_regression": outputs.bbox_regression, "pred_boxes": outputs.pred_boxes}
+for image, detections in enumerate(processor.post_process_object_detection(outputs, threshold=0.05)):
     tensors.update({f"{key}/{image}": value for key, value in detections.items()})
 save_file({key: value.contiguous() for key, value in tensors.items()}, outputs_path)
 results = pipeline("object-detection", model=model_dir, trust_remote_code=True)(Image.new("RGB", (90, 70)), threshold=0)
@@ -167,14 +170,13 @@ def test_remote_code_in_fresh_process(tiny_model, tiny_model_dir, tmp_path):
     command = [sys.executable, "-I", "remote.py", str(tiny_model_dir), "inputs.safetensors", "outputs.safetensors"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "is not supported for object-detection" not in result.stderr
     remote = load_file(tmp_path / "outputs.safetensors")
     with torch.no_grad():
         expected = tiny_model(**batch)
-    for name in ("logits", "box_logits", "pred_boxes"):
+    for name in ("logits", "bbox_regression", "pred_boxes"):
         torch.testing.assert_close(remote[name], getattr(expected, name), atol=0, rtol=0, msg=name)
-    for image, detections in enumerate(expected.detections):
-        for key, value in detections.items():
+    for image, image_detections in enumerate(detections(expected)):
+        for key, value in image_detections.items():
             torch.testing.assert_close(remote[f"{key}/{image}"], value, atol=0, rtol=0, msg=f"{key}/{image}")
 
 
@@ -336,8 +338,7 @@ def test_wrong_channel_count(tiny_model):
     ("backbone", "message"),
     [
         ("resnet_does_not_exist", "Unknown timm backbone 'resnet_does_not_exist'"),
-        ("vit_tiny_patch16_224", r"features at strides \[16, 16, 16\]; GFL needs strides 8, 16 and 32"),
-        ("swin_tiny_patch4_window7_224", "returns .*NHWC features; GFL needs NCHW feature maps"),
+        ("vit_tiny_patch16_224", r"features at strides \[16, 16, 16\]; dense detectors need strides 8, 16 and 32"),
     ],
 )
 def test_unusable_backbone(backbone, message):
@@ -410,16 +411,16 @@ def test_one_small_image_trains_with_one_channel_per_norm_group():
     image = torch.randn(1, 3, 96, 128)
     labels = {"boxes": torch.tensor([[8.0, 16.0, 60.0, 80.0]]), "class_labels": torch.tensor([1])}
 
-    alone = model(image, labels=[labels], tower_state_index=4)
+    alone = model(image, labels=[labels])
     alone.loss.backward()
-    assert alone.cls_tower_states[-1].shape[-2:] == (1, 1)
+    assert alone.feature_maps[-1].shape[-2:] == (1, 1)
     assert model.head.cls_convs[3].norm.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        pair = model(image.expand(2, -1, -1, -1), labels=[labels, labels], tower_state_index=4)
-    for state, paired_state in zip(
-        alone.cls_tower_states + alone.reg_tower_states, pair.cls_tower_states + pair.reg_tower_states
-    ):
-        torch.testing.assert_close(state[0], paired_state[1])
+        pair = model(image.expand(2, -1, -1, -1), labels=[labels, labels])
+        for feature, paired_feature in zip(alone.feature_maps, pair.feature_maps):
+            states = model.head.forward_towers(feature, 4)
+            for state, paired_state in zip(states, model.head.forward_towers(paired_feature, 4)):
+                torch.testing.assert_close(state[0], paired_state[1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(alone.loss_dict["loss_cls"], pair.loss_dict["loss_cls"])
 
 
@@ -475,20 +476,20 @@ def test_post_process_scales_boxes_to_target_sizes(tiny_model):
     batch = random_batch()
     with torch.no_grad():
         outputs = tiny_model(**batch)
-        outputs_without_detections = tiny_model(**batch, output_detections=False)
-    threshold = outputs.detections[0]["scores"].median().item()
+    in_input_frame = detections(outputs)
+    threshold = in_input_frame[0]["scores"].median().item()
     processor = GFLImageProcessor()
     results = processor.post_process_object_detection(outputs, threshold, target_sizes=[(256, 320), (48, 64)])
     # image sizes come from pixel_mask: 128x160 and 96x128; targets are 2x and 0.5x those
-    for result, detections, factor in zip(results, outputs.detections, (2.0, 0.5)):
-        keep = detections["scores"] > threshold
+    for result, image_detections, factor in zip(results, in_input_frame, (2.0, 0.5)):
+        keep = image_detections["scores"] > threshold
         assert keep.any()
-        torch.testing.assert_close(result["boxes"], detections["boxes"][keep] * factor)
-        assert torch.equal(result["labels"], detections["labels"][keep])
-        assert torch.equal(result["scores"], detections["scores"][keep])
-    assert len(results[0]["scores"]) < len(outputs.detections[0]["scores"])
-    with pytest.raises(ValueError, match="no detections"):
-        processor.post_process_object_detection(outputs_without_detections)
+        torch.testing.assert_close(result["boxes"], image_detections["boxes"][keep] * factor)
+        assert torch.equal(result["labels"], image_detections["labels"][keep])
+        assert torch.equal(result["scores"], image_detections["scores"][keep])
+    assert len(results[0]["scores"]) < len(in_input_frame[0]["scores"])
+    with pytest.raises(ValueError, match="Got 1 target sizes for 2 images"):
+        processor.post_process_object_detection(outputs, target_sizes=[(256, 320)])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -542,7 +543,7 @@ def golden_level0_logits(golden_dir: Path, model: GFLForObjectDetection) -> tupl
     """Level-0 classification logits of `model` on the golden inputs, and MMDetection's."""
     pixel_values = load_file(golden_dir / "inputs.safetensors")["inputs"][:1]
     with torch.no_grad():
-        logits = model(pixel_values, output_detections=False).logits[:, : 32 * 40]
+        logits = model(pixel_values).logits[:, : 32 * 40]
     expected = load_file(golden_dir / "student_outputs.safetensors")["cls_scores/0"][:1]
     return logits, expected.flatten(2).transpose(1, 2)
 

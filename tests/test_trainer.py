@@ -5,13 +5,13 @@ students (adapters), argument errors before training, gradient accumulation, JSO
 launch` against a 1-process evaluation, SIGKILL + resume, `--push_to_hub` with the Hub API mocked, bf16 autocast.
 
 Models are tiny (ResNet-18 backbone, 32-64 wide FPN/head), images 128-160 px, runs 1-4 steps. The teacher (64 wide)
-and a narrower student (32 wide) start from freshly initialised weights saved with `save_pretrained` (score threshold
-0.001, so that evaluation has detections to count); the presets build their students from arguments.
+and a narrower student (32 wide) start from freshly initialised weights saved with `save_pretrained`; evaluation keeps
+detections down to a score of 0.001, so that it has detections to count; the presets build their students from
+arguments.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import io
 import json
@@ -33,15 +33,18 @@ import transformers
 from huggingface_hub import HfApi, ModelCard, RepoUrl
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForObjectDetection, TrainerCallback, pipeline
 
 from hf_kd import GFLConfig, GFLForObjectDetection, GFLImageProcessor
 from hf_kd.data import get_id2label
 from hf_kd.data.synthetic import CLASS_NAMES, generate_synthetic_coco
-from hf_kd.distill import DistillationArguments, DistillationTrainer, GFLDistillationLoss, coco_compute_metrics
-from hf_kd.metrics import COCO_STAT_NAMES
-from hf_kd.models.gfl.modeling_gfl import GFLPreTrainedModel
+from hf_kd.distill import DetectionDistiller, DistillationArguments, DistillationTrainer
+from hf_kd.distill.distiller import check_compatible
+from hf_kd.distill.trainer import ADAPTERS_NAME
+from hf_kd.metrics import COCO_STAT_NAMES, coco_compute_metrics
+from hf_kd.models.detection.modeling_dense import DenseDetectorPreTrainedModel
+from hf_kd.models.detection.modeling_gfl import GFLLoss
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
@@ -176,6 +179,7 @@ def base_args(coco_dir: Path, output_dir: Path, *extra: str) -> list[str]:
         "--learning_rate", "1e-3",
         "--per_device_train_batch_size", "2",
         "--per_device_eval_batch_size", "2",
+        "--eval_score_threshold", "0.001",
         *extra,
     ]  # fmt: skip
 
@@ -188,7 +192,6 @@ def save_detector(path: Path, width: int = 64, id2label: dict | None = None, see
         fpn_channels=width,
         head_channels=width,
         id2label=id2label or ID2LABEL,
-        score_threshold=0.001,
         **config_kwargs,
     )
     torch.manual_seed(seed)
@@ -328,7 +331,9 @@ def preset_run(coco_dir, teacher_dir, tmp_path_factory):
     def run(method: str):
         if method not in runs:
             output_dir = tmp_path_factory.mktemp("preset") / method
-            args = base_args(coco_dir, output_dir, "--kd_method", method, "--max_steps", "2", "--save_strategy", "no")
+            args = base_args(coco_dir, output_dir, "--kd_method", method, "--max_steps", "2")
+            # crosskd+pkd (adapters) keeps its step-2 checkpoint; the others save only the final folder
+            args += ["--save_steps", "2"] if method == "crosskd+pkd" else ["--save_strategy", "no"]
             args += ["--max_eval_samples", "4", "--student_backbone", "resnet18", "--backbone_frozen_stages", "-1"]
             if method != "crosskd":
                 args += ["--student_fpn_channels", "32", "--student_head_channels", "32"]
@@ -370,37 +375,50 @@ def test_preset_trains_logs_evaluates_and_saves(preset_run, method):
         assert saved_metrics[f"eval_{name}"] == metrics[f"eval_{name}"]
     assert {f"eval_{name}" for name in GFL_LOSSES} <= set(metrics)
 
-    model, _ = load_quietly(output_dir)
+    model, logs = load_quietly(output_dir)
     assert isinstance(model, GFLForObjectDetection)
     width = 64 if method == "crosskd" else 32
     assert (model.config.head_channels, model.config.fpn_channels, model.config.backbone) == (width, width, "resnet18")
     assert model.config.id2label == ID2LABEL
+    # The final folder is the student alone: exactly its keys, nothing for loading to skip or report.
     saved = load_file(output_dir / "model.safetensors")
     loaded = model.state_dict()
+    assert set(saved) == set(loaded)
     for name, tensor in loaded.items():
         assert torch.equal(tensor, saved[name]), name
-    adapters = {name for name in saved if name.startswith("distillation_adapters.")}
-    assert set(saved) - set(loaded) == adapters
-    assert bool(adapters) == (method == "crosskd+pkd")
+    assert "unexpected" not in logs and "not used" not in logs, logs
+    assert not (output_dir / ADAPTERS_NAME).exists()
 
 
-def test_narrower_student_saves_adapters_that_loading_ignores_silently(preset_run):
+def test_narrower_student_checkpoint_keeps_the_adapters_beside_a_clean_student(preset_run):
     output_dir, _, _ = preset_run("crosskd+pkd")
-    saved = load_file(output_dir / "model.safetensors")
-    adapters = {name for name in saved if name.startswith("distillation_adapters.")}
-    assert adapters == {
-        f"distillation_adapters.{adapter}_adapter.{kind}"
-        for adapter in ("cls", "reg", "feature")
-        for kind in ("weight", "bias")
+    checkpoint = output_dir / "checkpoint-2"
+    adapters = load_file(checkpoint / ADAPTERS_NAME)
+    assert set(adapters) == {
+        f"{adapter}_adapter.{kind}" for adapter in ("cls", "reg", "feature") for kind in ("weight", "bias")
     }
-    assert saved["distillation_adapters.cls_adapter.weight"].shape == (64, 32, 1, 1)
+    assert adapters["cls_adapter.weight"].shape == (64, 32, 1, 1)
+    model, logs = load_quietly(checkpoint)
+    assert set(load_file(checkpoint / "model.safetensors")) == set(model.state_dict())
+    assert "adapter" not in logs, logs
+    for name, tensor in load_file(output_dir / "model.safetensors").items():  # the last checkpoint is the final model
+        assert torch.equal(tensor, model.state_dict()[name]), name
 
-    model, logs = load_quietly(output_dir)
+
+def test_students_saved_with_adapter_keys_load_silently(student_dir, tmp_path):
+    """Students distilled by hf_kd 0.1 carried `distillation_adapters.*` keys in `model.safetensors`; they still load
+    without a word."""
+    folder = tmp_path / "old_student"
+    shutil.copytree(student_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["distillation_adapters.cls_adapter.weight"] = torch.zeros(64, 32, 1, 1)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    model, logs = load_quietly(folder)
     assert "distillation_adapters" not in logs, logs
     assert not hasattr(model, "distillation_adapters")
     # The check above can fail: without the ignore rule, loading reports the adapters.
-    with mock.patch.object(GFLPreTrainedModel, "_keys_to_ignore_on_load_unexpected", None):
-        _, logs = load_quietly(output_dir)
+    with mock.patch.object(GFLForObjectDetection, "_keys_to_ignore_on_load_unexpected", None):
+        _, logs = load_quietly(folder)
     assert "distillation_adapters" in logs
 
 
@@ -451,7 +469,7 @@ def test_new_student_takes_the_teachers_box_settings():
     student = run_distill.build_student(model_args, teacher, ID2LABEL)
     assert (student.config.reg_max, student.config.prior_scale, student.config.head_channels) == (8, 5.0, 64)
     config = DistillationArguments(output_dir="unused", kd_method="crosskd").distillation_config()
-    GFLDistillationLoss(config, student.config, teacher.config)  # raises on a mismatch
+    check_compatible(config, student.config, teacher.config)  # raises on a mismatch
 
 
 def test_gradient_accumulation_logs_the_same_loss_scale_and_a_json_config_works(
@@ -512,10 +530,10 @@ def test_gradient_accumulation_logs_the_same_loss_scale_and_a_json_config_works(
 
 
 def test_non_finite_loss_stops_training_naming_step_and_component(coco_dir, teacher_dir, student_dir, tmp_path):
-    kd_forward, calls = GFLDistillationLoss.forward, []
+    kd_loss_maps, calls = DetectionDistiller.kd_loss_maps, []
 
     def nan_on_second_step(self, *args, **kwargs):
-        losses = kd_forward(self, *args, **kwargs)
+        losses = kd_loss_maps(self, *args, **kwargs)
         calls.append(None)
         if len(calls) == 2:
             losses["loss_cls_kd"] = losses["loss_cls_kd"] * float("nan")
@@ -525,7 +543,7 @@ def test_non_finite_loss_stops_training_naming_step_and_component(coco_dir, teac
     args += ["--teacher_model_name_or_path", str(teacher_dir), "--model_name_or_path", str(student_dir)]
     args += ["--save_strategy", "no"]
     with (
-        mock.patch.object(GFLDistillationLoss, "forward", nan_on_second_step),
+        mock.patch.object(DetectionDistiller, "kd_loss_maps", nan_on_second_step),
         pytest.raises(FloatingPointError, match=r"step 2 .*: loss_cls_kd \(here nan\)\. ") as error,
     ):
         run_distill.main(args)
@@ -558,7 +576,7 @@ def test_two_process_accelerate_launch_matches_one_process_evaluation(coco_dir, 
         "--num_shards",
         "4",
     ]
-    args += ["--per_device_eval_batch_size", "1", "--max_eval_samples", "7", "--save_strategy", "no"]
+    args += ["--per_device_eval_batch_size", "1", "--max_eval_samples", "7", "--save_steps", "2"]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command += [str(write_driver(tmp_path)), *args]
@@ -583,7 +601,8 @@ def test_two_process_accelerate_launch_matches_one_process_evaluation(coco_dir, 
     for entry in logs:
         assert_components_add_up(entry, GFL_LOSSES | KD_LOSSES["crosskd"])
 
-    assert any(name.startswith("distillation_adapters.") for name in load_file(output_dir / "model.safetensors"))
+    adapters = load_file(output_dir / "checkpoint-2" / ADAPTERS_NAME)  # trained under DDP, kept in the checkpoint
+    assert adapters and not any(tensor.abs().sum() == 0 for tensor in adapters.values())
     two_process = json.loads((output_dir / "eval_results.json").read_text())
     assert two_process["eval_mar_100"] > 0, "no detections: the comparison would be vacuous"
     data_args = run_distill.DataArguments(data_dir=str(coco_dir), max_eval_samples=7)
@@ -599,6 +618,7 @@ def test_two_process_accelerate_launch_matches_one_process_evaluation(coco_dir, 
             report_to="none",
             disable_tqdm=True,
             per_device_eval_batch_size=1,
+            eval_score_threshold=0.001,
         ),
         eval_dataset=eval_dataset,
         data_collator=run_distill.DetectionCollator(processor),
@@ -696,7 +716,7 @@ def test_push_to_hub_sends_model_processor_and_card_that_load(preset_run, teache
         mock.patch("builtins.input", side_effect=AssertionError("the pipeline asked about remote code")),
         TransformersLogs() as logs,
     ):
-        detector = pipeline("object-detection", model=str(folder), model_kwargs={"score_threshold": 0.0})
+        detector = pipeline("object-detection", model=str(folder))
     assert "not supported" not in logs.text
     detections = detector(Image.open(coco_dir / "images" / f"{VAL_IDS[0] - 1:06d}.jpg"), threshold=0.0)
     assert detections, "the pushed model detects nothing"
@@ -712,48 +732,46 @@ def test_bf16_autocast_runs_teacher_and_student_in_bf16_with_float32_losses(
     coco_dir, teacher_dir, student_dir, tmp_path
 ):
     calls, loss_dtypes = [], []
-    forward, kd_forward, loss_terms = (
-        GFLForObjectDetection.forward,
-        GFLDistillationLoss.forward,
-        GFLForObjectDetection.loss_terms,
+    extract, kd_loss_maps, detection_loss_maps = (
+        DenseDetectorPreTrainedModel.extract_features,
+        DetectionDistiller.kd_loss_maps,
+        GFLLoss.loss_maps,
     )
 
-    def recording_forward(self, *args, **kwargs):
-        outputs = forward(self, *args, **kwargs)
+    def recording_extract(self, pixel_values):
+        features = extract(self, pixel_values)
         calls.append(
             {
                 "model": self.config._name_or_path,
                 "training": self.training,
                 "autocast": torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16,
-                "logits": outputs.logits.dtype,
+                "features": features[0].dtype,
             }
         )
-        return outputs
+        return features
 
-    def recording_kd_forward(self, *args, **kwargs):
-        losses = kd_forward(self, *args, **kwargs)
-        loss_dtypes.extend(value.dtype for value in losses.values())
-        return losses
+    def recording_loss_maps(original):
+        def record(self, *args, **kwargs):
+            maps = original(self, *args, **kwargs)
+            loss_dtypes.extend(value.dtype for value in maps.values())
+            return maps
 
-    def recording_loss_terms(self, *args, **kwargs):
-        terms, targets = loss_terms(self, *args, **kwargs)
-        loss_dtypes.extend(value.dtype for value in terms.values())
-        return terms, targets
+        return record
 
     args = base_args(coco_dir, tmp_path / "out", "--bf16", "--kd_method", "crosskd", "--max_steps", "2")
     args += ["--teacher_model_name_or_path", str(teacher_dir), "--model_name_or_path", str(student_dir)]
     args += ["--save_strategy", "no", "--max_eval_samples", "2"]
     with (
-        mock.patch.object(GFLForObjectDetection, "forward", functools.wraps(forward)(recording_forward)),
-        mock.patch.object(GFLDistillationLoss, "forward", recording_kd_forward),
-        mock.patch.object(GFLForObjectDetection, "loss_terms", recording_loss_terms),
+        mock.patch.object(DenseDetectorPreTrainedModel, "extract_features", recording_extract),
+        mock.patch.object(DetectionDistiller, "kd_loss_maps", recording_loss_maps(kd_loss_maps)),
+        mock.patch.object(GFLLoss, "loss_maps", recording_loss_maps(detection_loss_maps)),
     ):
         metrics = run_distill.main(args)
 
     teacher_calls = [c for c in calls if c["model"] == str(teacher_dir)]
     student_calls = [c for c in calls if c["model"] == str(student_dir) and c["training"]]
     assert len(teacher_calls) == len(student_calls) == 2
-    assert all(c["autocast"] and c["logits"] == torch.bfloat16 for c in teacher_calls + student_calls), calls
+    assert all(c["autocast"] and c["features"] == torch.bfloat16 for c in teacher_calls + student_calls), calls
     assert loss_dtypes and set(loss_dtypes) == {torch.float32}
     for entry in train_logs(tmp_path / "out"):
         assert_components_add_up(entry, GFL_LOSSES | KD_LOSSES["crosskd"])

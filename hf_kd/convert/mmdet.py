@@ -12,15 +12,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..models.gfl.configuration_gfl import GFLConfig
-from ..models.gfl.image_processing_gfl import GFLImageProcessor
-from ..models.gfl.modeling_gfl import GFLForObjectDetection
+from ..models.detection import GFLConfig, GFLForObjectDetection, GFLImageProcessor
 
 # (MMDetection key pattern, hf_kd replacement); keys matching nothing are an error.
 KEY_RULES = (
     (r"^backbone\.(.+)$", r"backbone.\1"),
     (r"^neck\.(lateral|fpn)_convs\.(\d+)\.conv\.(weight|bias)$", r"neck.\1_convs.\2.\3"),
-    (r"^bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.weight$", r"head.\1_convs.\2.conv.weight"),
+    (r"^bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.(weight|bias)$", r"head.\1_convs.\2.conv.\3"),
     (r"^bbox_head\.(cls|reg)_convs\.(\d+)\.gn\.(weight|bias)$", r"head.\1_convs.\2.norm.\3"),
     (r"^bbox_head\.(gfl_cls|gfl_reg)\.(weight|bias)$", r"head.\1.\2"),
     (r"^bbox_head\.scales\.(\d+)\.scale$", r"head.scales.\1.scale"),

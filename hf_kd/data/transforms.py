@@ -14,7 +14,7 @@ import PIL.Image
 import torch
 from torchvision.transforms.v2 import functional as tvF
 
-from ..models.gfl.image_processing_gfl import get_resize_output_size
+from ..models.detection.image_processing_dense import get_resize_output_size
 from .schema import DetectionDataError
 
 logger = logging.getLogger(__name__)

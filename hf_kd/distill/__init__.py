@@ -1,15 +1,18 @@
-"""Knowledge distillation of GFL detectors: losses, arguments and the Trainer."""
+"""Knowledge distillation of dense detectors: the design space and presets, the losses, the distiller module, the
+arguments and the Trainer."""
 
+from ..metrics import coco_compute_metrics
 from .arguments import DistillationArguments
-from .losses import KD_METHODS, DistillationConfig, GFLDistillationLoss
-from .trainer import DistillationTrainer, coco_compute_metrics, pack_detections
+from .config import KD_METHODS, DistillationConfig
+from .distiller import DetectionDistiller, DistillationOutput
+from .trainer import DistillationTrainer
 
 __all__ = [
     "KD_METHODS",
+    "DetectionDistiller",
     "DistillationArguments",
     "DistillationConfig",
+    "DistillationOutput",
     "DistillationTrainer",
-    "GFLDistillationLoss",
     "coco_compute_metrics",
-    "pack_detections",
 ]

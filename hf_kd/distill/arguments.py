@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
-from .losses import KD_METHODS, DistillationConfig
+from .config import KD_METHODS, DistillationConfig
+
+TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -15,14 +18,26 @@ class DistillationArguments(TrainingArguments):
 
     The defaults differ from `TrainingArguments` where detection needs it: `remove_unused_columns=False` (the collator
     needs every column), `eval_do_concat_batches=False` and `eval_use_gather_object=True` (detections and image ids
-    are gathered per batch), `accelerator_config={"dispatch_batches": False}` (every process reads its own shard
-    of a streaming dataset; dispatching garbles list-of-dict labels) and `ddp_find_unused_parameters=False` (the
-    distillation adapters of a narrower student are used outside the student's forward).
+    are gathered per batch), `accelerator_config={"dispatch_batches": False}` (every process reads its own shard of a
+    streaming dataset; dispatching garbles list-of-dict labels) and `ddp_find_unused_parameters=False`.
     """
 
     kd_method: str = field(
         default="crosskd",
-        metadata={"help": f"Distillation preset: one of {', '.join(KD_METHODS)} ('none' trains without a teacher)."},
+        metadata={
+            "help": "Distillation preset (the paper's settings for the student's detector family); 'none' trains "
+            "without a teacher.",
+            "choices": KD_METHODS,
+        },
+    )
+    teacher_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Precision of the teacher's forward pass (its outputs are used in float32): bf16, fp16 or fp32. "
+            "Default: the student's (the --bf16/--fp16 autocast, else fp32). A reduced-precision teacher is cheaper "
+            "even when the student trains in fp32.",
+            "choices": tuple(TEACHER_DTYPES),
+        },
     )
     kd_mimic: str | None = field(
         default=None, metadata={"help": "Override: 'cross_head' (CrossKD) or 'student' (BCKD) predictions mimic."}
@@ -32,9 +47,15 @@ class DistillationArguments(TrainingArguments):
     )
     kd_cls_weight: float | None = field(default=None, metadata={"help": "Override: classification KD weight."})
     kd_cls_beta: float | None = field(default=None, metadata={"help": "Override: classification KD focusing beta."})
-    kd_loc: str | None = field(default=None, metadata={"help": "Override: localization KD 'kl', 'iou' or 'none'."})
+    kd_loc: str | None = field(
+        default=None, metadata={"help": "Override: localization KD 'kl' (GFL), 'iou' (GIoU), 'log_iou' or 'none'."}
+    )
     kd_loc_weight: float | None = field(default=None, metadata={"help": "Override: localization KD weight."})
     kd_loc_temperature: float | None = field(default=None, metadata={"help": "Override: temperature of 'kl'."})
+    kd_loc_weighting: str | None = field(
+        default=None, metadata={"help": "Override: 'teacher_score' (CrossKD) or 'score_gap' (BCKD)."}
+    )
+    kd_center_weight: float | None = field(default=None, metadata={"help": "Override: centre-ness KD weight."})
     kd_feature_weight: float | None = field(default=None, metadata={"help": "Override: PKD feature KD weight."})
     kd_positive_levels_only: bool | None = field(
         default=None, metadata={"help": "Override: KD only on FPN levels with positives (BCKD's original code)."}
@@ -45,6 +66,9 @@ class DistillationArguments(TrainingArguments):
             "help": "The papers' schedule: SGD lr 0.01 per 16 images (scaled linearly with the total batch), momentum "
             "0.9, weight decay 1e-4, 500-step linear warm-up from 0.001x, lr x0.1 at 8/12 and 11/12 of max_steps."
         },
+    )
+    eval_score_threshold: float = field(
+        default=0.05, metadata={"help": "Evaluation: class-score threshold of the detections (MMDetection's 0.05)."}
     )
     eval_max_detections: int = field(
         default=100, metadata={"help": "Detections per image kept for COCO evaluation (COCO's maxDets is 100)."}
@@ -58,16 +82,20 @@ class DistillationArguments(TrainingArguments):
     )
     ddp_find_unused_parameters: bool | None = field(
         default=False,
-        metadata={
-            "help": "DDP's find_unused_parameters. A GFL student uses all its parameters in forward; the adapters of "
-            "a narrower student are used in the loss, outside forward, which find_unused_parameters=True rejects."
-        },
+        metadata={"help": "DDP's find_unused_parameters: every trained parameter is used in the distiller's forward."},
     )
 
-    def distillation_config(self) -> DistillationConfig | None:
-        """The [`DistillationConfig`] of `kd_method` with the `kd_*` overrides, or None for `kd_method="none"`."""
+    @property
+    def teacher_torch_dtype(self) -> torch.dtype | None:
+        """The teacher's precision as a torch dtype, or None for the student's."""
+        return None if self.teacher_dtype is None else TEACHER_DTYPES[self.teacher_dtype]
+
+    def distillation_config(self, model_type: str = "gfl") -> DistillationConfig | None:
+        """The [`DistillationConfig`] of `kd_method` for `model_type` detectors with the `kd_*` overrides, or None for
+        `kd_method="none"`."""
         return DistillationConfig.from_method(
             self.kd_method,
+            model_type,
             mimic=self.kd_mimic,
             cross_head_index=self.kd_cross_head_index,
             cls_kd_weight=self.kd_cls_weight,
@@ -75,6 +103,8 @@ class DistillationArguments(TrainingArguments):
             loc_kd=self.kd_loc,
             loc_kd_weight=self.kd_loc_weight,
             loc_kd_temperature=self.kd_loc_temperature,
+            loc_kd_weighting=self.kd_loc_weighting,
+            center_kd_weight=self.kd_center_weight,
             feature_kd_weight=self.kd_feature_weight,
             positive_levels_only=self.kd_positive_levels_only,
         )

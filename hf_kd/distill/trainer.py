@@ -1,5 +1,5 @@
-"""`DistillationTrainer`: a `transformers.Trainer` that trains a GFL student with CrossKD, BCKD or PKD against a frozen
-teacher (or plain GFL training with `kd_method="none"`), and evaluates with COCO mAP."""
+"""`DistillationTrainer`: a `transformers.Trainer` that trains a [`DetectionDistiller`] (a dense detector student with
+CrossKD, BCKD or PKD against a frozen teacher, or the student alone) and evaluates the student with COCO mAP."""
 
 from __future__ import annotations
 
@@ -7,127 +7,29 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
-from transformers import EvalPrediction, Trainer, TrainerCallback
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
 from transformers.modelcard import TrainingSummary
-from transformers.trainer_utils import has_length
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
-from ..metrics import COCO_STAT_NAMES, CocoDetectionMAP
-from ..metrics.coco_map import DetectionArrays
-from ..models.gfl.modeling_gfl import GFLForObjectDetection
+from ..metrics import COCO_STAT_NAMES, pack_detections
+from ..models.detection import FAMILIES
+from ..models.detection.ground_truth import check_ground_truth
+from ..models.detection.modeling_dense import DenseDetectorPreTrainedModel
 from .arguments import DistillationArguments
-from .losses import GFLDistillationLoss
+from .distiller import DetectionDistiller
 
 logger = logging.getLogger(__name__)
 
 PAPER_WARMUP_STEPS = 500
 PAPER_WARMUP_RATIO = 0.001
-
-
-def pack_detections(
-    detections: list[dict[str, torch.Tensor]], labels: list[dict], image_sizes: torch.Tensor, max_detections: int
-) -> torch.Tensor:
-    """Per-image detections as one `(B, max_detections, 6)` tensor of `x1, y1, x2, y2, score, label` in original-image
-    pixels (scaled by `orig_size / size` of each label dict); empty rows have score -1."""
-    packed = torch.full((len(detections), max_detections, 6), -1.0, device=image_sizes.device)
-    for index, (image_detections, target) in enumerate(zip(detections, labels)):
-        count = min(len(image_detections["scores"]), max_detections)
-        scale = target["orig_size"].to(image_sizes) / image_sizes[index]
-        boxes = image_detections["boxes"][:count] * scale.flip(0).repeat(2).float()
-        packed[index, :count, :4] = boxes
-        packed[index, :count, 4] = image_detections["scores"][:count]
-        packed[index, :count, 5] = image_detections["labels"][:count].float()
-    return packed
-
-
-def coco_compute_metrics(
-    ground_truth: str | os.PathLike | Mapping[str, Any],
-    id2label: Mapping[int, str] | None = None,
-    backend: str = "auto",
-) -> Callable[[EvalPrediction], dict[str, float]]:
-    """A `compute_metrics` for [`DistillationTrainer`]: the 12 COCO numbers (and per-class AP) of the gathered
-    detections against `ground_truth` (a COCO json path or dict).
-
-    The ground truth is loaded once per run, by the main process only, at the first evaluation (a path is checked
-    here); the main process computes the metrics (`CocoDetectionMAP.evaluate_predictions` with `backend`) and
-    broadcasts them to the other processes, which the Trainer also calls after gathering, so every process returns
-    the same numbers while only one holds the ground truth and runs COCOeval. The first entry of a repeated image id
-    (padding of the last distributed batch) is used.
-    """
-    if isinstance(ground_truth, (str, os.PathLike)) and not os.path.isfile(ground_truth):
-        raise FileNotFoundError(f"COCO ground truth not found: {ground_truth}")
-    cache: dict[str, CocoDetectionMAP] = {}
-
-    def evaluate_on_main_process(prediction: EvalPrediction) -> dict[str, float]:
-        if "metric" not in cache:
-            cache["metric"] = CocoDetectionMAP(
-                ground_truth=ground_truth, id2label=id2label, backend=backend, keep_in_memory=True
-            )
-        metric = cache["metric"]
-        image_ids, packed = _unpack_detections(prediction.predictions, prediction.label_ids)
-        keep = packed[:, :, 4] >= 0
-        rows = packed[keep]
-        category_ids = sorted(metric.ground_truth.getCatIds())
-        detections = DetectionArrays.from_xyxy(
-            np.repeat(image_ids, keep.sum(axis=1)),
-            rows[:, :4],
-            rows[:, 4],
-            rows[:, 5].astype(np.int64),
-            dict(enumerate(category_ids)),
-        )
-        results = metric.evaluate_predictions(detections, image_ids=image_ids.tolist())
-        metrics = {name: results[name] for name in COCO_STAT_NAMES}
-        metrics.update({f"map_class_{name}": value for name, value in results["map_per_class"].items()})
-        return metrics
-
-    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
-        state = PartialState()
-        metrics, error = None, None
-        if state.is_main_process:
-            try:
-                metrics = evaluate_on_main_process(prediction)
-            except Exception as exception:  # re-raised below, after the other processes have been told
-                error = exception
-        if state.num_processes > 1:
-            message = None if error is None else f"{type(error).__name__}: {error}"
-            metrics, message = broadcast_object_list([metrics, message], from_process=0)
-            if message is not None and error is None:
-                raise RuntimeError(f"COCO evaluation failed on the main process: {message}")
-        if error is not None:
-            raise error
-        return metrics
-
-    return compute_metrics
-
-
-def _unpack_detections(predictions: Any, label_ids: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Image ids `(n,)` and packed detections `(n, max_detections, 6)` from the gathered evaluation outputs (a list
-    of batches, or concatenated), the first entry of each repeated image id kept."""
-    if isinstance(predictions, np.ndarray) and isinstance(label_ids, np.ndarray):
-        predictions, label_ids = [predictions], [label_ids]
-    packed = [np.asarray(batch, dtype=np.float64) for batch in predictions]
-    packed = [batch.reshape(-1, batch.shape[-2], 6) for batch in packed]
-    image_ids = [np.asarray(batch).reshape(-1).astype(np.int64) for batch in label_ids]
-    width = max((batch.shape[1] for batch in packed), default=0)
-    packed = [np.pad(b, ((0, 0), (0, width - b.shape[1]), (0, 0)), constant_values=-1.0) for b in packed]
-    packed = np.concatenate(packed) if packed else np.zeros((0, 0, 6))
-    image_ids = np.concatenate(image_ids) if image_ids else np.zeros(0, np.int64)
-    _, first = np.unique(image_ids, return_index=True)
-    if len(first) < len(image_ids):
-        logger.warning(
-            "%d evaluation entries repeat an image id (e.g. padded distributed evaluation); kept the first of each, "
-            "%d images",
-            len(image_ids) - len(first),
-            len(first),
-        )
-    first = np.sort(first)
-    return image_ids[first], packed[first]
+# Checkpoints keep the distillation adapters beside the student (which is a `from_pretrained` folder).
+ADAPTERS_NAME = "distillation_adapters.safetensors"
 
 
 class _SetCollatorEpoch(TrainerCallback):
@@ -151,15 +53,17 @@ class _SetCollatorEpoch(TrainerCallback):
 
 
 class DistillationTrainer(Trainer):
-    """Trains `model` (a [`GFLForObjectDetection`] student) with the distillation losses of `args.kd_method` against
-    `teacher`, which stays frozen, in eval mode, on the student's device and outside `accelerator.prepare`, and runs
-    under no-grad and the same autocast as the student.
+    """Trains a [`DetectionDistiller`] built from `model` (the student), `teacher` and `args` (the method of
+    `args.kd_method` for the student's family, the teacher's precision `args.teacher_dtype`), or a distiller given as
+    `model`. The Trainer's part: optimisation, logging (each loss component: the mean over the logging window and over
+    processes), evaluation of the student, checkpoints (the student as a `from_pretrained` folder plus the adapters)
+    and the final folder and Hub push (the student alone).
 
-    Each loss component is logged (mean over the logging window and over processes). Evaluation post-processes on
-    the device and gathers compact per-image detections (see [`pack_detections`]) with the image ids; pass a
-    `compute_metrics` such as [`coco_compute_metrics`] to get the COCO numbers. `eval_data_collator` (e.g. without
-    augmentation) replaces `data_collator` for evaluation and prediction; a `data_collator` with `set_epoch` gets
-    the epoch at the start of each one.
+    Evaluation runs the student, post-processes with the image processor on the device (`args.eval_score_threshold`)
+    and gathers compact per-image detections with the image ids; pass a `compute_metrics` such as
+    [`coco_compute_metrics`] for the COCO numbers. `eval_data_collator` (e.g. without augmentation) replaces
+    `data_collator` for evaluation and prediction; a `data_collator` with `set_epoch` gets the epoch at the start of
+    each one.
     """
 
     # The losses are per-batch means (normalized by the number of positives), not sums over items.
@@ -167,41 +71,82 @@ class DistillationTrainer(Trainer):
 
     def __init__(
         self,
-        model: GFLForObjectDetection,
+        model: DenseDetectorPreTrainedModel | DetectionDistiller,
         args: DistillationArguments,
-        teacher: GFLForObjectDetection | None = None,
+        teacher: DenseDetectorPreTrainedModel | None = None,
         eval_data_collator: Callable | None = None,
         **kwargs,
     ):
-        self.distillation_config = args.distillation_config()
-        self.distillation_loss = None
-        if self.distillation_config is not None:
-            if teacher is None:
+        if not isinstance(model, DetectionDistiller):
+            config = args.distillation_config(model.config.model_type)
+            if config is None and teacher is not None:
+                logger.warning("kd_method='none': the teacher is not used.")
+                teacher = None
+            if config is not None and teacher is None:
                 raise ValueError(f"kd_method={args.kd_method!r} needs a teacher; use kd_method='none' to train alone.")
             with torch.random.fork_rng(devices=[]):  # adapters drawn from the run's seed, like the Trainer's init
                 torch.manual_seed(args.seed)
-                self.distillation_loss = GFLDistillationLoss(self.distillation_config, model.config, teacher.config)
-            if any(True for _ in self.distillation_loss.parameters()):
-                # Learned adapters train with the student (same optimizer, DDP and checkpoints).
-                model.distillation_adapters = self.distillation_loss
-        elif teacher is not None:
-            logger.warning("kd_method='none': the teacher is not used.")
-            teacher = None
+                model = DetectionDistiller(model, teacher, config, teacher_dtype=args.teacher_torch_dtype)
         super().__init__(model=model, args=args, **kwargs)
         self.eval_data_collator = eval_data_collator
         if hasattr(self.data_collator, "set_epoch"):
             self.add_callback(_SetCollatorEpoch(self.data_collator))
-        self.teacher = None
-        if teacher is not None:
-            self.teacher = teacher.eval().requires_grad_(False).to(self.accelerator.device)
         self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._loss_counts = defaultdict(int)
-        self._step_losses: dict[str, torch.Tensor] = {}  # the last training forward's loss components, detached
+        self._last_step = None  # the last training forward's outputs and labels, checked after its backward pass
+
+    # ---- Training -----------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(
+            pixel_values=inputs["pixel_values"], pixel_mask=inputs.get("pixel_mask"), labels=inputs["labels"]
+        )
+        self._last_step = (
+            {name: value.detach() for name, value in outputs.loss_dict.items()},
+            outputs.label_problems,
+            outputs.image_sizes,
+            inputs["labels"],
+        )
+        self._accumulate_losses("train", outputs.loss_dict)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._check_step()
+        return loss
+
+    def _check_step(self) -> None:
+        """Stops training, on every process at once, when the step's labels are malformed or a loss component is NaN
+        or infinite on any process (the Trainer would otherwise step on it and only leave it out of the logged loss).
+
+        The step's one wait for the device: after the backward pass, where the Trainer waits for the loss anyway.
+        """
+        losses, label_problems, image_sizes, labels = self._last_step
+        not_finite = ~torch.stack(list(losses.values())).isfinite()
+        flags = torch.stack([label_problems.any(), not_finite.any()]).float()
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        if not flags.any():
+            return
+        check_ground_truth(label_problems, labels, image_sizes, self.model.student.config.num_labels)
+        if not_finite.any():
+            components = ", ".join(
+                f"{name} (here {value.item()})" for (name, value), bad in zip(losses.items(), not_finite) if bad
+            )
+            raise FloatingPointError(
+                f"Non-finite loss at step {self.state.global_step + 1} (epoch {self.state.epoch or 0:.2f}): "
+                f"{components}. Lower the learning rate or the KD weights, or check the data."
+            )
+        raise RuntimeError(
+            f"Another process stopped at step {self.state.global_step + 1}: malformed labels or a non-finite loss "
+            "(its error names which)."
+        )
 
     def _init_training_state(
         self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
     ) -> tuple[int, int]:
-        """Where a resumed run continues: the Trainer's own answer, except for a training set without a length.
+        """Where a resumed run continues: the Trainer's own answer, except for a training set without a length (no
+        public hook decides this).
 
         The Trainer counts such a set (a streaming dataset) as one epoch of `max_steps` steps when resuming, but starts
         a new epoch (new shuffle and augmentation draws) each time a pass over the data ends; it would replay the
@@ -222,85 +167,13 @@ class DistillationTrainer(Trainer):
             steps_trained_in_current_epoch = round((self.state.epoch - epochs_trained) * batches_per_epoch)
         return epochs_trained, steps_trained_in_current_epoch
 
+    # ---- Logging ------------------------------------------------------------------------------------------------
+
     def _accumulate_losses(self, split: str, losses: dict[str, torch.Tensor]) -> None:
         sums = self._loss_sums[split]
         for name, value in losses.items():
             sums[name] = sums.get(name, 0) + value.detach().float()
         self._loss_counts[split] += 1
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        student = self.accelerator.unwrap_model(model)
-        config = self.distillation_config
-        if config is None:
-            outputs = model(pixel_values=inputs["pixel_values"], pixel_mask=inputs.get("pixel_mask"), labels=labels)
-            losses = outputs.loss_dict
-        else:
-            tower_state_index = config.cross_head_index if config.mimic == "cross_head" else None
-            model_inputs = {
-                "pixel_values": inputs["pixel_values"],
-                "pixel_mask": inputs.get("pixel_mask"),
-                "tower_state_index": tower_state_index,
-                "output_detections": False,
-            }
-            outputs = model(**model_inputs)
-            with torch.no_grad(), self.accelerator.autocast():
-                teacher_outputs = self.teacher(**model_inputs)
-            terms, targets = student.loss_terms(outputs, labels, config.quality_weight_offset, config.quality_norm_eps)
-            with torch.autocast(outputs.logits.device.type, enabled=False):
-                terms.update(self.distillation_loss(outputs, teacher_outputs, targets, self.teacher.head))
-            losses = {name: value.sum() for name, value in terms.items()}
-        loss = sum(losses.values())
-        if model.training:
-            self._step_losses = {name: value.detach() for name, value in losses.items()}
-        self._accumulate_losses("train" if model.training else "eval", losses)
-        return (loss, outputs) if return_outputs else loss
-
-    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self._check_finite(self._step_losses)
-        return loss
-
-    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
-        """Stops training, on every process at once, when a loss component is NaN or infinite on any process (the
-        Trainer would otherwise step on it and only leave it out of the logged loss).
-
-        Checked after the backward pass and before the optimizer step, where the Trainer waits for the step's loss
-        anyway (its own NaN filter), so that the check adds no wait for the device between forward and backward.
-        """
-        not_finite = torch.stack([~value.isfinite() for value in losses.values()]).float()
-        if self.accelerator.num_processes > 1:
-            not_finite = self.accelerator.reduce(not_finite, reduction="sum")
-        if not_finite.any():
-            components = ", ".join(
-                f"{name} (here {value.item()})" for (name, value), bad in zip(losses.items(), not_finite) if bad
-            )
-            raise FloatingPointError(
-                f"Non-finite loss at step {self.state.global_step + 1} (epoch {self.state.epoch or 0:.2f}): "
-                f"{components}. Lower the learning rate or the KD weights, or check the data."
-            )
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        labels = inputs.get("labels")
-        with torch.no_grad(), self.compute_loss_context_manager():
-            outputs = model(
-                pixel_values=inputs["pixel_values"],
-                pixel_mask=inputs.get("pixel_mask"),
-                labels=labels,
-                output_detections=not prediction_loss_only,
-            )
-        loss = None
-        if labels is not None:
-            loss = outputs.loss.detach()
-            self._accumulate_losses("eval", outputs.loss_dict)
-        if prediction_loss_only:
-            return loss, None, None
-        if labels is None:
-            raise ValueError("Evaluation batches need `labels` (with `image_id`, `orig_size`) for COCO metrics.")
-        detections = pack_detections(outputs.detections, labels, outputs.image_sizes, self.args.eval_max_detections)
-        image_ids = torch.stack([target["image_id"] for target in labels]).to(detections.device)
-        return loss, detections, image_ids
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for split, prefix, marker in (("train", "", "loss"), ("eval", "eval_", "eval_loss")):
@@ -312,14 +185,89 @@ class DistillationTrainer(Trainer):
                 self._loss_counts[split] = 0
         super().log(logs, start_time)
 
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
-        if is_training or self.eval_data_collator is None:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
+    # ---- Evaluation ---------------------------------------------------------------------------------------------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        student = self.accelerator.unwrap_model(model).student
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = student(pixel_values=inputs["pixel_values"], pixel_mask=inputs.get("pixel_mask"), labels=labels)
+        loss = None
+        if labels is not None:
+            loss = outputs.loss.detach()
+            self._accumulate_losses("eval", outputs.loss_dict)
+        if prediction_loss_only:
+            return loss, None, None
+        if labels is None:
+            raise ValueError("Evaluation batches need `labels` (with `image_id`, `orig_size`) for COCO metrics.")
+        detections = self._image_processor().post_process_object_detection(
+            outputs,
+            threshold=self.args.eval_score_threshold,
+            target_sizes=torch.stack([target["orig_size"] for target in labels]),
+            max_detections=self.args.eval_max_detections,
+        )
+        image_ids = torch.stack([target["image_id"] for target in labels]).to(outputs.logits.device)
+        return loss, pack_detections(detections, self.args.eval_max_detections), image_ids
+
+    def _image_processor(self):
+        """The processor whose post-processing evaluation uses: `processing_class`, else the family's default."""
+        if hasattr(self.processing_class, "post_process_object_detection"):
+            return self.processing_class
+        return FAMILIES[self.model.student.config.model_type][2]()
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._with_eval_collator(super().get_eval_dataloader, eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        return self._with_eval_collator(super().get_test_dataloader, test_dataset)
+
+    def _with_eval_collator(self, get_dataloader: Callable, dataset):
+        if self.eval_data_collator is None:
+            return get_dataloader(dataset)
         train_collator, self.data_collator = self.data_collator, self.eval_data_collator
         try:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
+            return get_dataloader(dataset)
         finally:
             self.data_collator = train_collator
+
+    # ---- Saving and loading -------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Saves the student alone as a `from_pretrained` folder, with the image processor and the training
+        arguments; a checkpoint also keeps the distillation adapters beside it (`distillation_adapters.safetensors`),
+        so that a resumed run continues exactly."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        distiller = self.accelerator.unwrap_model(self.model)
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            distiller.student.save_pretrained(output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+            adapters = distiller.adapters.state_dict() if distiller.adapters is not None else {}
+            if adapters and os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
+                save_file(
+                    {name: value.contiguous() for name, value in adapters.items()},
+                    os.path.join(output_dir, ADAPTERS_NAME),
+                )
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Loads a checkpoint's student (the Trainer's own loading) and its distillation adapters."""
+        distiller = model if model is not None else self.model
+        super()._load_from_checkpoint(resume_from_checkpoint, model=distiller.student)
+        if distiller.adapters is not None and any(True for _ in distiller.adapters.parameters()):
+            path = os.path.join(resume_from_checkpoint, ADAPTERS_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{resume_from_checkpoint} has no {ADAPTERS_NAME}: it cannot resume this run.")
+            distiller.adapters.load_state_dict(load_file(path))
+
+    def _load_best_model(self) -> None:
+        """Loads the best checkpoint's student and adapters (`load_best_model_at_end`)."""
+        logger.info(f"Loading best model from {self.state.best_model_checkpoint} (score: {self.state.best_metric}).")
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def create_model_card(self, finetuned_from: str | None = None, **kwargs: Any) -> None:
         """The Trainer's model card plus a section on the distillation: the student's starting point, the teacher, the
@@ -329,20 +277,21 @@ class DistillationTrainer(Trainer):
         repository; a student built from a config or loaded from a local folder is "trained from scratch" there."""
         if not self.is_world_process_zero():
             return
-        origin = finetuned_from if finetuned_from is not None else self.model.config.name_or_path
+        distiller = self.accelerator.unwrap_model(self.model)
+        origin = finetuned_from if finetuned_from is not None else distiller.student.config.name_or_path
         hub_origin = origin if origin and not os.path.isdir(origin) else None
-        summary = TrainingSummary.from_trainer(self, finetuned_from=hub_origin, **kwargs)
-        summary.finetuned_from = hub_origin  # from_trainer falls back to the empty name_or_path of a new model
+        summary = TrainingSummary.from_trainer(self, finetuned_from=hub_origin or "", **kwargs)
+        summary.finetuned_from = hub_origin
         lines = [summary.to_model_card(), "", "## Distillation (hf_kd)", ""]
         lines.append(f"- Student: initialized from `{origin}`" if origin else "- Student: new (built from a config)")
-        if self.teacher is None:
+        if distiller.teacher is None:
             lines.append("- Trained without a teacher (`kd_method=none`).")
         else:
             lines += [
                 f"- Method: `{self.args.kd_method}`",
-                f"- Teacher: `{self.teacher.config.name_or_path or 'local model'}` "
-                f"({self.teacher.config.backbone} backbone)",
-                f"- Settings: `{json.dumps(self.distillation_config.__dict__)}`",
+                f"- Teacher: `{distiller.teacher.config.name_or_path or 'local model'}` "
+                f"({distiller.teacher.config.backbone} backbone)",
+                f"- Settings: `{json.dumps(distiller.config.__dict__)}`",
             ]
         evaluations = [entry for entry in self.state.log_history if "eval_map" in entry]
         if evaluations:
@@ -351,6 +300,8 @@ class DistillationTrainer(Trainer):
             lines += [f"| {name} | {latest[f'eval_{name}']:.4f} |" for name in COCO_STAT_NAMES]
         with open(os.path.join(self.args.output_dir, "README.md"), "w") as card:
             card.write("\n".join(lines) + "\n")
+
+    # ---- The papers' schedule -----------------------------------------------------------------------------------
 
     def create_optimizer(self, model=None):
         if not self.args.paper_recipe or self.optimizer is not None:
@@ -378,4 +329,4 @@ class DistillationTrainer(Trainer):
         return self.lr_scheduler
 
 
-__all__ = ["DistillationTrainer", "coco_compute_metrics", "pack_detections"]
+__all__ = ["DistillationTrainer"]

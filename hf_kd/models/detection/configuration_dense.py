@@ -1,4 +1,6 @@
-"""GFL (Generalized Focal Loss v1) detector configuration."""
+"""Configuration settings shared by every dense detector family: the timm backbone, the FPN, the head towers."""
+
+from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -17,45 +19,37 @@ COCO_CLASSES = (
 
 
 @strict
-class GFLConfig(PreTrainedConfig):
+class DenseDetectorConfig(PreTrainedConfig):
     r"""
-    Configuration of a [`GFLForObjectDetection`]: a timm backbone, an FPN with two extra levels (strides 8 to 128) and
-    the GFL head (quality focal loss, distribution focal loss, GIoU loss, ATSS assignment), as in MMDetection's
-    `gfl_r50_fpn_1x_coco.py`.
+    Settings every dense detector family shares (the 80 COCO classes unless `id2label` or `num_labels` is given).
 
     Args:
         backbone (`str`, defaults to `"resnet50"`):
             timm model name; any model that `timm.create_model(..., features_only=True)` supports and that has
-            features at strides 8, 16 and 32.
+            features at strides 8, 16 and 32 (channels-last features, as Swin's, included).
         backbone_kwargs (`dict`, *optional*):
-            Extra keyword arguments for `timm.create_model` (e.g. `{"stem_width": 16}`).
+            Extra keyword arguments for `timm.create_model` (e.g. `{"stem_width": 16}`, or for Swin
+            `{"img_size": [800, 1344], "strict_img_size": False}`).
         backbone_out_indices (`list[int]`, *optional*):
-            timm feature indices for the stride 8/16/32 features; found from `feature_info` when not given.
+            timm feature indices of the stride 8/16/32 features; found from `feature_info` when not given.
         freeze_backbone_norm (`bool`, defaults to `True`):
             Keep the backbone's BatchNorm layers in eval mode (frozen statistics), MMDetection's `norm_eval=True`.
         backbone_frozen_stages (`int`, defaults to 1):
             Freeze the stem and the first `n` stages (stage 1 has stride 4); `0` freezes the stem only, `-1` nothing.
         fpn_channels (`int`, defaults to 256): width of the FPN outputs.
+        fpn_extra_convs_on (`str`, defaults to `"output"`): the first extra level (P6) is a stride-2 conv on the last
+            FPN output (`"output"`) or on the last backbone feature (`"input"`, RetinaNet's).
+        fpn_relu_before_extra_convs (`bool`, defaults to `False`): ReLU before the later extra convs (FCOS).
         head_channels (`int`, defaults to 256): width of the head towers.
         stacked_convs (`int`, defaults to 4): convs in each head tower.
-        norm_groups (`int`, defaults to 32): GroupNorm groups in the head towers.
-        reg_max (`int`, defaults to 16): the box distribution has `reg_max + 1` bins per side.
-        prior_scale (`float`, defaults to 8.0): side of a prior box, in units of its level's stride.
+        norm_groups (`int`, *optional*, defaults to 32): GroupNorm groups in the head towers; `None` for no norm
+            (the tower convs then have a bias, RetinaNet's).
         strides (`list[int]`, defaults to `[8, 16, 32, 64, 128]`): strides of the five FPN levels.
-        size_divisor (`int`, defaults to 32): images are padded to a multiple of it; priors outside an image's own
+        size_divisor (`int`, defaults to 32): images are padded to a multiple of it; anchors outside an image's own
             padded size are not assigned (MMDetection's valid flags).
-        atss_topk (`int`, defaults to 9): candidates per level and ground-truth box in ATSS.
-        qfl_beta (`float`, defaults to 2.0): focusing parameter of the quality focal loss.
-        loss_cls_weight, loss_bbox_weight, loss_dfl_weight (`float`, defaults to 1.0, 2.0, 0.25): loss weights.
-        score_threshold (`float`, defaults to 0.05): minimum score of a (prior, class) pair kept at inference.
-        pre_nms_topk (`int`, defaults to 1000): pairs kept per level before NMS.
-        nms_iou_threshold (`float`, defaults to 0.6): class-aware NMS IoU threshold.
-        max_detections (`int`, defaults to 100): detections kept per image.
         initializer_range (`float`, defaults to 0.01): std of the normal init of the head convs.
         prior_prob (`float`, defaults to 0.01): initial foreground probability of the classification logits.
     """
-
-    model_type = "gfl"
 
     backbone: str = "resnet50"
     backbone_kwargs: dict | None = None
@@ -63,24 +57,18 @@ class GFLConfig(PreTrainedConfig):
     freeze_backbone_norm: bool = True
     backbone_frozen_stages: int = 1
     fpn_channels: int = 256
+    fpn_extra_convs_on: str = "output"
+    fpn_relu_before_extra_convs: bool = False
     head_channels: int = 256
     stacked_convs: int = 4
-    norm_groups: int = 32
-    reg_max: int = 16
-    prior_scale: float = 8.0
+    norm_groups: int | None = 32
     strides: list[int] | tuple[int, ...] = (8, 16, 32, 64, 128)
     size_divisor: int = 32
-    atss_topk: int = 9
-    qfl_beta: float = 2.0
-    loss_cls_weight: float = 1.0
-    loss_bbox_weight: float = 2.0
-    loss_dfl_weight: float = 0.25
-    score_threshold: float = 0.05
-    pre_nms_topk: int = 1000
-    nms_iou_threshold: float = 0.6
-    max_detections: int = 100
     initializer_range: float = 0.01
     prior_prob: float = 0.01
+
+    # Settings that give the predictions their meaning: a teacher and a student must agree on them to be distilled.
+    prediction_settings = ("num_labels", "strides")
 
     def __post_init__(self, **kwargs):
         self.strides = list(self.strides)  # the same type whether built here or read back from config.json
@@ -103,9 +91,9 @@ class GFLConfig(PreTrainedConfig):
         return diff
 
     def validate_architecture(self):
-        """Checks that the sizes fit together (GroupNorm groups, strides, bins)."""
+        """Checks that the sizes fit together (GroupNorm groups, strides, FPN variant)."""
         super().validate_architecture()
-        if self.head_channels % self.norm_groups:
+        if self.norm_groups is not None and self.head_channels % self.norm_groups:
             raise ValueError(
                 f"head_channels ({self.head_channels}) must be divisible by norm_groups ({self.norm_groups})."
             )
@@ -113,8 +101,10 @@ class GFLConfig(PreTrainedConfig):
             raise ValueError(
                 f"strides must be [8, 16, 32, 64, 128] (C3-C5 plus two extra levels), got {self.strides}."
             )
-        if self.reg_max < 1 or self.stacked_convs < 1:
-            raise ValueError(f"reg_max ({self.reg_max}) and stacked_convs ({self.stacked_convs}) must be >= 1.")
+        if self.stacked_convs < 1:
+            raise ValueError(f"stacked_convs ({self.stacked_convs}) must be >= 1.")
+        if self.fpn_extra_convs_on not in ("input", "output"):
+            raise ValueError(f"fpn_extra_convs_on must be 'input' or 'output', got {self.fpn_extra_convs_on!r}.")
 
 
-__all__ = ["GFLConfig"]
+__all__ = ["COCO_CLASSES", "DenseDetectorConfig"]

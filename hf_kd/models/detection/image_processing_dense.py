@@ -1,4 +1,5 @@
-"""Image processor for GFL detectors: MMDetection's keep-ratio resize, ImageNet normalization, padding to 32."""
+"""Image processors of the dense detectors: MMDetection's keep-ratio resize, ImageNet normalization, padding to 32,
+and the test-time post-processing (score threshold, top-k, NMS, rescaling) of the models' raw outputs."""
 
 from __future__ import annotations
 
@@ -11,17 +12,29 @@ from transformers.image_processing_base import BatchFeature
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, Unpack
 
+from .postprocess import detect
+from .priors import level_sizes
+
 logger = logging.getLogger(__name__)
 
 
-class GFLImageProcessorKwargs(ImagesKwargs, total=False):
+class DenseDetectionImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
     size_divisor (`int`, *optional*, defaults to 32):
         Images are padded (bottom and right, with zeros after normalization) to the batch's largest height and width
         rounded up to a multiple of this.
+    pre_nms_topk (`int`, *optional*, defaults to 1000):
+        Post-processing: (prior, class) pairs kept per pyramid level before NMS.
+    nms_iou_threshold (`float`, *optional*):
+        Post-processing: IoU above which class-aware NMS suppresses a box (the family's MMDetection setting).
+    max_detections (`int`, *optional*, defaults to 100):
+        Post-processing: detections kept per image.
     """
 
     size_divisor: int
+    pre_nms_topk: int
+    nms_iou_threshold: float
+    max_detections: int
 
 
 def get_resize_output_size(height: int, width: int, shortest_edge: int, longest_edge: int) -> tuple[int, int]:
@@ -60,22 +73,26 @@ def coco_annotations_to_targets(
     }
 
 
-class GFLImageProcessor(TorchvisionBackend):
+class DenseDetectionImageProcessor(TorchvisionBackend):
     r"""
-    Prepares images (and optionally COCO-format annotations) for [`GFLForObjectDetection`] and turns its detections into
-    boxes on the original images.
+    Prepares images (and optionally COCO-format annotations) for a dense detector and turns its raw outputs into
+    detections on the original images.
 
     Images are resized keeping their aspect ratio to fit `size["longest_edge"]` x `size["shortest_edge"]` (bilinear,
     no antialiasing, as MMDetection), scaled to [0, 1], normalized with the ImageNet mean and std, and zero-padded
-    bottom/right to a multiple of `size_divisor`; `pixel_mask` (bool) marks the real pixels.
+    bottom/right to a multiple of `size_divisor`; `pixel_mask` (bool) marks the real pixels. Post-processing follows
+    MMDetection's test settings: `pre_nms_topk`, `nms_iou_threshold` and `max_detections`.
     """
 
-    valid_kwargs = GFLImageProcessorKwargs
+    valid_kwargs = DenseDetectionImageProcessorKwargs
     resample = PILImageResampling.BILINEAR
     image_mean = IMAGENET_DEFAULT_MEAN
     image_std = IMAGENET_DEFAULT_STD
     size = {"shortest_edge": 800, "longest_edge": 1333}
     size_divisor = 32
+    pre_nms_topk = 1000
+    nms_iou_threshold = 0.6
+    max_detections = 100
     default_to_square = False
     do_resize = True
     do_rescale = True
@@ -84,7 +101,7 @@ class GFLImageProcessor(TorchvisionBackend):
     do_convert_rgb = True
     model_input_names = ["pixel_values", "pixel_mask"]
 
-    def __init__(self, **kwargs: Unpack[GFLImageProcessorKwargs]) -> None:
+    def __init__(self, **kwargs: Unpack[DenseDetectionImageProcessorKwargs]) -> None:
         super().__init__(**kwargs)
 
     def resize(self, image: torch.Tensor, size: SizeDict, **kwargs) -> torch.Tensor:
@@ -96,8 +113,8 @@ class GFLImageProcessor(TorchvisionBackend):
         r"""
         annotations (`list[dict]`, *optional*):
             Per image `{"image_id": int, "annotations": [{"bbox": [x, y, w, h], "category_id": class index,
-            "iscrowd": 0 or 1}, ...]}` in pixels of the original image. Adds `labels` to the output (see
-            [`GFLForObjectDetection.forward`]).
+            "iscrowd": 0 or 1}, ...]}` in pixels of the original image. Adds `labels` to the output (see the model's
+            `forward`).
         """
         return super().preprocess(images, annotations, **kwargs)
 
@@ -153,37 +170,74 @@ class GFLImageProcessor(TorchvisionBackend):
         for index, image in enumerate(processed):
             pixel_values[index, :, : image.shape[-2], : image.shape[-1]] = image
             pixel_mask[index, : image.shape[-2], : image.shape[-1]] = True
-        data = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
-        encoded = BatchFeature(data, tensor_type=return_tensors)
+        encoded = BatchFeature({"pixel_values": pixel_values, "pixel_mask": pixel_mask}, tensor_type=return_tensors)
         if annotations is not None:
             encoded["labels"] = labels
         return encoded
 
     def post_process_object_detection(
-        self, outputs, threshold: float = 0.5, target_sizes: torch.Tensor | list[tuple[int, int]] | None = None
+        self,
+        outputs,
+        threshold: float = 0.5,
+        target_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
+        pre_nms_topk: int | None = None,
+        nms_iou_threshold: float | None = None,
+        max_detections: int | None = None,
     ) -> list[dict[str, torch.Tensor]]:
-        """Detections with score above `threshold`, per image: `scores`, `labels` and `boxes` (absolute x1, y1, x2, y2),
-        in the frame of `target_sizes` ((height, width) of the original images) or else of the model input."""
-        if outputs.detections is None:
-            raise ValueError(
-                "The model outputs have no detections: run the model in eval mode (or with output_detections=True)."
-            )
-        if target_sizes is not None and len(target_sizes) != len(outputs.detections):
-            raise ValueError(f"Got {len(target_sizes)} target sizes for {len(outputs.detections)} images.")
-        results = []
-        for index, detections in enumerate(outputs.detections):
-            keep = detections["scores"] > threshold
-            boxes = detections["boxes"][keep]
-            if target_sizes is not None:
-                target_height, target_width = (float(value) for value in target_sizes[index])
-                height, width = outputs.image_sizes[index].tolist()
-                boxes = boxes * boxes.new_tensor(
-                    [target_width / width, target_height / height, target_width / width, target_height / height]
-                )
-            results.append(
-                {"scores": detections["scores"][keep], "labels": detections["labels"][keep], "boxes": boxes}
-            )
+        """Detections per image: `scores`, `labels` and `boxes` (absolute x1, y1, x2, y2), best first, in the frame of
+        `target_sizes` ((height, width) of the original images) or else of the model input.
+
+        Candidates are the (prior, class) pairs whose class score exceeds `threshold` (MMDetection's `score_thr`;
+        evaluation uses 0.05), at most `pre_nms_topk` per pyramid level; then class-aware NMS at `nms_iou_threshold`
+        and the best `max_detections` (defaults: this processor's settings). For FCOS and ATSS the returned score is
+        the class score times the sigmoid of the centre-ness, as MMDetection's, and can be below `threshold`.
+        """
+        if target_sizes is not None and len(target_sizes) != len(outputs.logits):
+            raise ValueError(f"Got {len(target_sizes)} target sizes for {len(outputs.logits)} images.")
+        results = detect(
+            outputs.logits,
+            outputs.pred_boxes,
+            outputs.image_sizes,
+            level_sizes(outputs.feature_maps, outputs.logits.shape[1]),
+            outputs.get("centerness_logits"),
+            score_threshold=threshold,
+            pre_nms_topk=pre_nms_topk if pre_nms_topk is not None else self.pre_nms_topk,
+            nms_iou_threshold=nms_iou_threshold if nms_iou_threshold is not None else self.nms_iou_threshold,
+            max_detections=max_detections if max_detections is not None else self.max_detections,
+        )
+        if target_sizes is not None:
+            target_sizes = torch.as_tensor(target_sizes, dtype=torch.float32, device=outputs.logits.device)
+            scales = (target_sizes / outputs.image_sizes).flip(-1).repeat(1, 2)  # (B, 4): x, y, x, y
+            for result, scale in zip(results, scales):
+                result["boxes"] = result["boxes"] * scale
         return results
 
 
-__all__ = ["GFLImageProcessor", "get_resize_output_size"]
+class GFLImageProcessor(DenseDetectionImageProcessor):
+    """[`DenseDetectionImageProcessor`] with GFL's test settings (NMS IoU 0.6)."""
+
+
+class RetinaNetImageProcessor(DenseDetectionImageProcessor):
+    """[`DenseDetectionImageProcessor`] with RetinaNet's test settings (NMS IoU 0.5)."""
+
+    nms_iou_threshold = 0.5
+
+
+class FCOSImageProcessor(DenseDetectionImageProcessor):
+    """[`DenseDetectionImageProcessor`] with FCOS's test settings (NMS IoU 0.5)."""
+
+    nms_iou_threshold = 0.5
+
+
+class ATSSImageProcessor(DenseDetectionImageProcessor):
+    """[`DenseDetectionImageProcessor`] with ATSS's test settings (NMS IoU 0.6)."""
+
+
+__all__ = [
+    "ATSSImageProcessor",
+    "DenseDetectionImageProcessor",
+    "FCOSImageProcessor",
+    "GFLImageProcessor",
+    "RetinaNetImageProcessor",
+    "get_resize_output_size",
+]
