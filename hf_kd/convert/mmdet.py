@@ -20,7 +20,11 @@ KEY_RULES = (
     (r"^neck\.(lateral|fpn)_convs\.(\d+)\.conv\.(weight|bias)$", r"neck.\1_convs.\2.\3"),
     (r"^bbox_head\.(cls|reg)_convs\.(\d+)\.conv\.(weight|bias)$", r"head.\1_convs.\2.conv.\3"),
     (r"^bbox_head\.(cls|reg)_convs\.(\d+)\.gn\.(weight|bias)$", r"head.\1_convs.\2.norm.\3"),
-    (r"^bbox_head\.(gfl_cls|gfl_reg)\.(weight|bias)$", r"head.\1.\2"),
+    (
+        r"^bbox_head\.(gfl_cls|gfl_reg|retina_cls|retina_reg|conv_cls|conv_reg|conv_centerness|atss_cls|atss_reg|atss_centerness)"
+        r"\.(weight|bias)$",
+        r"head.\1.\2",
+    ),
     (r"^bbox_head\.scales\.(\d+)\.scale$", r"head.scales.\1.scale"),
 )
 # Buffers MMDetection saves that hf_kd recomputes.
