@@ -82,6 +82,7 @@ class FCOSLoss:
 
         target_boxes = distance_to_box(outputs.priors, targets.box_targets)
         iou_loss = torch.where(positive, log_iou_loss(outputs.pred_boxes.float(), target_boxes), 0)
+        # kd_avg_factor is the sum of the centre-ness targets, the box loss's divisor (and CrossKD's)
         loss_bbox = centerness_targets * iou_loss / (targets.kd_avg_factor + EPS32)
         bce = F.binary_cross_entropy_with_logits(
             outputs.centerness_logits.float(), centerness_targets, reduction="none"

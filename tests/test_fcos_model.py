@@ -1,0 +1,240 @@
+"""FCOSForObjectDetection as a transformers model: configuration, initialisation, save/load, training on real photos
+and a CrossKD training step through `DetectionDistiller` with an FCOS teacher."""
+
+import copy
+import json
+import math
+import time
+
+import pytest
+import torch
+from PIL import Image
+from test_gfl_model import OVERFIT_IMAGE_IDS, coco_map50, random_batch
+
+from hf_kd import DetectionDistiller, DistillationConfig
+from hf_kd.models.detection.configuration_fcos import FCOSConfig
+from hf_kd.models.detection.image_processing_dense import FCOSImageProcessor
+from hf_kd.models.detection.modeling_fcos import FCOSForObjectDetection
+
+TINY_LABELS = {0: "cat", 1: "dog", 2: "bird"}
+OVERFIT_STEPS = 40
+LOSS_NAMES = {"loss_cls", "loss_bbox", "loss_centerness"}
+LABELS = [
+    {
+        "boxes": torch.tensor([[10.0, 12.0, 90.0, 100.0], [60.0, 20.0, 150.0, 120.0]]),
+        "class_labels": torch.tensor([1, 2]),
+    },
+    {"boxes": torch.tensor([[4.0, 30.0, 70.0, 90.0]]), "class_labels": torch.tensor([0])},
+]
+
+
+def tiny_config(**kwargs) -> FCOSConfig:
+    defaults = {"backbone": "resnet18", "fpn_channels": 32, "head_channels": 32, "id2label": TINY_LABELS}
+    return FCOSConfig(**(defaults | kwargs))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration, initialisation, save/load
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_mmdetection_plain_fcos():
+    config = FCOSConfig()
+    assert config.model_type == "fcos"
+    assert config.fpn_extra_convs_on == "output" and config.fpn_relu_before_extra_convs
+    assert config.norm_groups == 32 and config.stacked_convs == 4
+    assert config.regress_ranges == [[-1, 64], [64, 128], [128, 256], [256, 512], [512, 1e8]]
+    assert (config.focal_alpha, config.focal_gamma) == (0.25, 2.0)
+    assert (config.loss_cls_weight, config.loss_bbox_weight, config.loss_centerness_weight) == (1.0, 1.0, 1.0)
+    assert config.prediction_settings == ("num_labels", "strides", "regress_ranges")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"regress_ranges": [[-1, 64], [64, 1e8]]}, "one \\(low, high\\) pair per level"),
+        ({"regress_ranges": [[-1, 64], [64, 128], [256, 128], [256, 512], [512, 1e8]]}, "low < high"),
+    ],
+)
+def test_config_rejects_bad_regress_ranges(kwargs, message):
+    with pytest.raises(Exception, match=message):
+        FCOSConfig(**kwargs)
+
+
+def test_initialization_of_a_new_detector():
+    """MMDetection's FCOS init: normal(0, 0.01) head convs, classifier bias at prior 0.01, other biases 0, scales 1."""
+    torch.manual_seed(0)
+    head = FCOSForObjectDetection(tiny_config()).head
+    torch.testing.assert_close(head.conv_cls.bias, torch.full((3,), -math.log(99)))
+    for conv in (head.conv_reg, head.conv_centerness, head.cls_convs[0].conv):
+        assert 0.005 < conv.weight.std() < 0.02
+    assert head.conv_reg.bias.abs().sum() == 0 and head.conv_centerness.bias.abs().sum() == 0
+    assert all(scale.scale.item() == 1.0 for scale in head.scales)
+    assert head.cls_convs[0].conv.bias is None, "GroupNorm towers: convs without bias"
+
+
+def test_outputs_are_points_and_positive_distances():
+    torch.manual_seed(0)
+    model = FCOSForObjectDetection(tiny_config()).eval()
+    with torch.no_grad():
+        outputs = model(**random_batch())
+    num_points = sum(math.ceil(128 / stride) * math.ceil(160 / stride) for stride in model.config.strides)
+    assert outputs.priors.shape == (num_points, 2)
+    assert outputs.logits.shape == (2, num_points, 3) and outputs.centerness_logits.shape == (2, num_points)
+    assert outputs.bbox_regression.shape == (2, num_points, 4) and (outputs.bbox_regression > 0).all()
+    points = outputs.priors.expand(2, -1, -1)
+    torch.testing.assert_close(outputs.pred_boxes[..., :2], points - outputs.bbox_regression[..., :2])
+    torch.testing.assert_close(outputs.pred_boxes[..., 2:], points + outputs.bbox_regression[..., 2:])
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = FCOSForObjectDetection(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    loaded = FCOSForObjectDetection.from_pretrained(tmp_path).eval()
+    assert loaded.config.regress_ranges == model.config.regress_ranges
+    assert loaded.config.id2label == TINY_LABELS and loaded.config.fpn_relu_before_extra_convs
+    batch = random_batch()
+    with torch.no_grad():
+        expected, actual = model(**batch), loaded(**batch)
+    for field in ("logits", "bbox_regression", "centerness_logits", "pred_boxes"):
+        torch.testing.assert_close(getattr(actual, field), getattr(expected, field), atol=0, rtol=0)
+
+
+def test_training_step_without_boxes_is_finite():
+    """An image without boxes trains its classification only; the box and centre-ness losses are 0, not NaN."""
+    torch.manual_seed(0)
+    model = FCOSForObjectDetection(tiny_config()).train()
+    empty = [{"boxes": torch.zeros(0, 4), "class_labels": torch.zeros(0, dtype=torch.long)}] * 2
+    outputs = model(**random_batch(), labels=empty)
+    assert outputs.loss_dict["loss_bbox"] == 0 and outputs.loss_dict["loss_centerness"] == 0
+    outputs.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.head.conv_cls.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training: a small FCOS overfits a few coco128 photos on CPU
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def overfit(coco128_dir):
+    """Trains a resnet18 FCOS (random init, FPN/head width 64) for 40 AdamW steps (lr 1e-3) on 4 coco128 photos
+    resized to fit 256x192, then detects on them (boxes in the original photos' pixels)."""
+    coco = json.loads((coco128_dir / "annotations.json").read_text())
+    images_by_id = {image["id"]: image for image in coco["images"]}
+    annotations = [a for a in coco["annotations"] if a["image_id"] in OVERFIT_IMAGE_IDS and not a["iscrowd"]]
+    category_ids = sorted({a["category_id"] for a in annotations})
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    to_label = {category_id: index for index, category_id in enumerate(category_ids)}
+    annotations = [dict(a, category_id=to_label[a["category_id"]]) for a in annotations]
+    images = [
+        Image.open(coco128_dir / "images" / images_by_id[image_id]["file_name"]).convert("RGB")
+        for image_id in OVERFIT_IMAGE_IDS
+    ]
+    processor = FCOSImageProcessor(size={"shortest_edge": 192, "longest_edge": 256})
+    batch = processor(
+        images=images,
+        annotations=[
+            {"image_id": image_id, "annotations": [a for a in annotations if a["image_id"] == image_id]}
+            for image_id in OVERFIT_IMAGE_IDS
+        ],
+        return_tensors="pt",
+    )
+    config = FCOSConfig(
+        backbone="resnet18",
+        fpn_channels=64,
+        head_channels=64,
+        id2label={index: names[category_id] for index, category_id in enumerate(category_ids)},
+        backbone_frozen_stages=-1,  # no pretrained weights offline: train everything, BatchNorm included
+        freeze_backbone_norm=False,
+    )
+    torch.manual_seed(0)
+    model = FCOSForObjectDetection(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    losses, start = [], time.perf_counter()
+    for _ in range(OVERFIT_STEPS):
+        outputs = model(batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
+        optimizer.zero_grad()
+        outputs.loss.backward()
+        optimizer.step()
+        losses.append(outputs.loss.item())
+    train_seconds = time.perf_counter() - start
+    model.eval()
+    with torch.no_grad():
+        outputs = model(batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+    original_sizes = [(image.height, image.width) for image in images]
+    results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=original_sizes)
+    return {
+        "model": model,
+        "annotations": annotations,
+        "results": results,
+        "losses": torch.tensor(losses),
+        "train_seconds": train_seconds,
+    }
+
+
+def test_training_overfits_real_photos(overfit):
+    losses = overfit["losses"]
+    assert torch.isfinite(losses).all()
+    windows = losses.view(-1, 10).mean(1)  # mean loss of each 10 steps: falls steadily
+    assert (windows[1:] < windows[:-1]).all(), windows
+    # the centre-ness BCE keeps the entropy of its soft targets (~0.5), so the total falls less than GFL's
+    assert windows[-1] < 0.5 * windows[0], windows
+    detections = [
+        {"image_id": image_id, "category_id": label, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+        for image_id, result in zip(OVERFIT_IMAGE_IDS, overfit["results"])
+        for (x1, y1, x2, y2), score, label in zip(
+            result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist()
+        )
+    ]
+    num_classes = overfit["model"].config.num_labels
+    map50 = coco_map50(overfit["annotations"], detections, num_classes)
+    assert map50 > 0.9, f"mAP@0.5 {map50:.3f} after {OVERFIT_STEPS} steps ({overfit['train_seconds']:.0f} s)"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CrossKD with an FCOS teacher
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("teacher_channels", [32, 64])
+def test_crosskd_training_step(teacher_channels):
+    """A CrossKD step (cross-head from conv 2) with an FCOS teacher, of the student's width or wider (adapters): finite
+    losses, gradients in the student up to the cross-head point and none in the teacher, which stays unchanged."""
+    torch.manual_seed(0)
+    student = FCOSForObjectDetection(tiny_config()).train()
+    teacher = FCOSForObjectDetection(tiny_config(fpn_channels=teacher_channels, head_channels=teacher_channels))
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    kd = DetectionDistiller(student, teacher, DistillationConfig.from_method("crosskd", "fcos"))
+    outputs = kd(**random_batch(), labels=LABELS)
+    assert set(outputs.loss_dict) == LOSS_NAMES | {"loss_cls_kd", "loss_loc_kd"}
+    assert all(torch.isfinite(value) and value > 0 for value in outputs.loss_dict.values()), outputs.loss_dict
+
+    (outputs.loss_dict["loss_cls_kd"] + outputs.loss_dict["loss_loc_kd"]).backward()
+    # timm zero-initialises each block's last BatchNorm: in a new backbone the gradient flows through it and the
+    # shortcuts only
+    for prefix in (
+        "head.cls_convs.1",
+        "head.reg_convs.0",
+        "neck.",
+        "backbone.layer4.1.bn2",
+        "backbone.layer2.0.downsample",
+    ):
+        grads = [p.grad for name, p in student.named_parameters() if name.startswith(prefix) and p.requires_grad]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), prefix
+    # the student's convs after the cross-head point and its predictors are not used by the KD losses
+    assert student.head.cls_convs[2].conv.weight.grad is None and student.head.conv_reg.weight.grad is None
+    assert all(p.grad is None for p in teacher.parameters())
+
+    student.zero_grad()
+    optimizer = torch.optim.SGD(kd.parameters(), lr=0.01)
+    before = student.head.conv_cls.weight.detach().clone()
+    kd(**random_batch(), labels=LABELS).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in kd.parameters() if p.grad is not None)
+    optimizer.step()
+    assert not torch.equal(student.head.conv_cls.weight, before)
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[name]), name
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
