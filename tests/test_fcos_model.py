@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from PIL import Image
 from test_gfl_model import OVERFIT_IMAGE_IDS, coco_map50, random_batch
 
@@ -57,7 +58,7 @@ def test_config_defaults_are_mmdetection_plain_fcos():
     ],
 )
 def test_config_rejects_bad_regress_ranges(kwargs, message):
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
         FCOSConfig(**kwargs)
 
 
