@@ -20,7 +20,7 @@ from pycocotools.cocoeval import COCOeval
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection, pipeline
 
-from hf_kd import GFLConfig, GFLForObjectDetection, GFLImageProcessor, convert_mmdet_checkpoint
+from hf_kd import GFLConfig, GFLForObjectDetection, GFLImageProcessor
 from hf_kd.convert.mmdet import load_converted_weights
 from hf_kd.models.detection.image_processing_dense import get_resize_output_size
 
@@ -523,77 +523,6 @@ def test_from_pretrained_backbone_local_file(tmp_path, suffix):
     assert_backbone_weights(model)
     model.save_pretrained(tmp_path / "detector")
     assert_backbone_weights(GFLForObjectDetection.from_pretrained(tmp_path / "detector"))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# (i) MMDetection converter
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def golden_mmdet_checkpoint(golden_dir, tmp_path_factory) -> Path:
-    """The golden student as an MMDetection `.pth` (state_dict + meta with class names)."""
-    path = tmp_path_factory.mktemp("mmdet") / "gfl_r18.pth"
-    state_dict = load_file(golden_dir / "student_r18.safetensors")
-    torch.save({"state_dict": state_dict, "meta": {"dataset_meta": {"classes": ("a", "b", "c")}}}, path)
-    return path
-
-
-def golden_level0_logits(golden_dir: Path, model: GFLForObjectDetection) -> tuple[torch.Tensor, torch.Tensor]:
-    """Level-0 classification logits of `model` on the golden inputs, and MMDetection's."""
-    pixel_values = load_file(golden_dir / "inputs.safetensors")["inputs"][:1]
-    with torch.no_grad():
-        logits = model(pixel_values).logits[:, : 32 * 40]
-    expected = load_file(golden_dir / "student_outputs.safetensors")["cls_scores/0"][:1]
-    return logits, expected.flatten(2).transpose(1, 2)
-
-
-def test_convert_mmdet_checkpoint(golden_dir, golden_mmdet_checkpoint, tmp_path):
-    convert_mmdet_checkpoint(golden_mmdet_checkpoint, tmp_path, backbone="resnet18", fpn_channels=64, head_channels=64)
-    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in tmp_path.iterdir()}
-    model = AutoModelForObjectDetection.from_pretrained(tmp_path)
-    assert model.config.id2label == {0: "a", 1: "b", 2: "c"}
-    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is GFLImageProcessor
-    torch.testing.assert_close(*golden_level0_logits(golden_dir, model), atol=1e-4, rtol=1e-4)
-
-
-def test_convert_safetensors_state_dict_takes_num_labels_from_the_head(golden_dir, tmp_path):
-    model = convert_mmdet_checkpoint(
-        golden_dir / "student_r18.safetensors", backbone="resnet18", fpn_channels=64, head_channels=64
-    )
-    assert model.config.num_labels == 3 and not model.training
-
-
-def test_convert_cli(golden_dir, golden_mmdet_checkpoint, tmp_path):
-    command = [sys.executable, "-m", "hf_kd.convert.mmdet", str(golden_mmdet_checkpoint), str(tmp_path / "out")]
-    command += ["--backbone", "resnet18", "--fpn_channels", "64", "--head_channels", "64"]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"}
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Converted" in result.stdout
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["model_type"] == "gfl" and config["id2label"] == {"0": "a", "1": "b", "2": "c"}
-    model = AutoModelForObjectDetection.from_pretrained(tmp_path / "out")
-    torch.testing.assert_close(*golden_level0_logits(golden_dir, model), atol=1e-4, rtol=1e-4)
-
-
-def test_convert_unknown_and_missing_keys(golden_dir, tmp_path):
-    state_dict = load_file(golden_dir / "student_r18.safetensors")
-    converter_kwargs = {"backbone": "resnet18", "fpn_channels": 64, "head_channels": 64}
-    unknown = dict(state_dict, **{"bbox_head.extra_conv.weight": torch.zeros(1), "roi_head.fc.bias": torch.zeros(1)})
-    torch.save({"state_dict": unknown, "meta": {}}, tmp_path / "unknown.pth")
-    with pytest.raises(
-        ValueError,
-        match=r"Unknown MMDetection GFL keys \(2\): \['bbox_head\.extra_conv\.weight', 'roi_head\.fc\.bias'\]",
-    ):
-        convert_mmdet_checkpoint(tmp_path / "unknown.pth", **converter_kwargs)
-    missing = {k: v for k, v in state_dict.items() if not k.startswith("neck.fpn_convs.4.")}
-    torch.save({"state_dict": missing}, tmp_path / "missing.pth")
-    with pytest.raises(
-        ValueError, match=r"missing keys \(2\): \['neck\.fpn_convs\.4\.bias', 'neck\.fpn_convs\.4\.weight'\]"
-    ):
-        convert_mmdet_checkpoint(tmp_path / "missing.pth", **converter_kwargs)
 
 
 def test_initialization_of_a_new_detector():
