@@ -1,4 +1,4 @@
-"""Distill (or train) a GFL detector with hf_kd.
+"""Distill (or train) a dense detector (GFL, RetinaNet, FCOS, ATSS) with hf_kd.
 
 Distill a ResNet-18 student from a teacher on a local COCO folder, on every GPU, in bf16:
 
@@ -8,7 +8,8 @@ Distill a ResNet-18 student from a teacher on a local COCO folder, on every GPU,
         --output_dir outputs/crosskd_r18 --max_steps 90000 --per_device_train_batch_size 2 --paper_recipe \
         --bf16 --eval_strategy steps --eval_steps 10000 --save_steps 10000
 
-Train a teacher or a baseline: `--kd_method none` (no teacher). A dataset on the Hub in the `objects` layout:
+The student is of the teacher's family (`--student_architecture` chooses it for a new student without a teacher). Train a
+teacher or a baseline: `--kd_method none` (no teacher). A dataset on the Hub in the `objects` layout:
 `--dataset_name NAME` (streamed). All arguments can also come from a JSON file: `run_distill.py config.json`.
 """
 
@@ -26,7 +27,7 @@ import transformers
 from transformers import AutoModelForObjectDetection, HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_kd import GFLConfig, GFLForObjectDetection, GFLImageProcessor
+from hf_kd import DenseDetectorPreTrainedModel
 from hf_kd.data import (
     DetectionCollator,
     DetectionTransform,
@@ -40,6 +41,7 @@ from hf_kd.data import (
 )
 from hf_kd.distill import DistillationArguments, DistillationTrainer
 from hf_kd.metrics import build_coco_ground_truth, coco_compute_metrics
+from hf_kd.models.detection import FAMILIES
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,19 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Start the student from this saved detector instead of building a new one."}
     )
+    student_architecture: str | None = field(
+        default=None,
+        metadata={
+            "help": "Detector family of a new student, with MMDetection's defaults for it. Default: the teacher's "
+            "(a student of another family is an error), else gfl.",
+            "choices": tuple(FAMILIES),
+        },
+    )
     student_backbone: str = field(default="resnet18", metadata={"help": "timm backbone of a new student."})
+    student_backbone_kwargs: str | None = field(
+        default=None,
+        metadata={"help": 'JSON keyword arguments of timm.create_model, e.g. {"strict_img_size": false} for Swin.'},
+    )
     student_fpn_channels: int | None = field(default=None, metadata={"help": "Default: the teacher's (or 256)."})
     student_head_channels: int | None = field(default=None, metadata={"help": "Default: the teacher's (or 256)."})
     student_stacked_convs: int | None = field(default=None, metadata={"help": "Default: the teacher's (or 4)."})
@@ -165,31 +179,41 @@ def load_data(data_args: DataArguments, training_args: DistillationArguments):
 
 
 def build_student(
-    model_args: ModelArguments, teacher: GFLForObjectDetection | None, id2label: dict
-) -> GFLForObjectDetection:
-    """The student: loaded from `model_name_or_path`, or a new GFL with the teacher's widths by default (and always
-    the teacher's box bins, strides and prior scale, which distillation needs to be equal)."""
+    model_args: ModelArguments, teacher: DenseDetectorPreTrainedModel | None, id2label: dict
+) -> DenseDetectorPreTrainedModel:
+    """The student: loaded from `model_name_or_path`, or a new detector of the teacher's family (or
+    `student_architecture`) with the teacher's widths by default, and always the teacher's prediction settings (classes,
+    strides, anchors, box coding), which distillation needs to be equal."""
     if model_args.model_name_or_path is not None:
         return AutoModelForObjectDetection.from_pretrained(
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
         )
-    defaults = teacher.config if teacher is not None else GFLConfig()
+    family = model_args.student_architecture or (teacher.config.model_type if teacher is not None else "gfl")
+    if teacher is not None and family != teacher.config.model_type:
+        raise ValueError(
+            f"--student_architecture {family} differs from the teacher's family ({teacher.config.model_type}): "
+            "distillation needs a student of the teacher's family."
+        )
+    config_class, model_class, _ = FAMILIES[family]
+    defaults = teacher.config if teacher is not None else config_class()
     head_channels = model_args.student_head_channels or defaults.head_channels
-    config = GFLConfig(
+    norm_groups = None
+    if defaults.norm_groups is not None:
+        norm_groups = model_args.student_norm_groups or math.gcd(head_channels, defaults.norm_groups)
+    config = config_class(
         backbone=model_args.student_backbone,
+        backbone_kwargs=json.loads(model_args.student_backbone_kwargs) if model_args.student_backbone_kwargs else None,
         backbone_frozen_stages=model_args.backbone_frozen_stages,
         fpn_channels=model_args.student_fpn_channels or defaults.fpn_channels,
         head_channels=head_channels,
-        norm_groups=model_args.student_norm_groups or math.gcd(head_channels, defaults.norm_groups),
+        norm_groups=norm_groups,
         stacked_convs=model_args.student_stacked_convs or defaults.stacked_convs,
-        reg_max=defaults.reg_max,
-        strides=defaults.strides,
-        prior_scale=defaults.prior_scale,
+        **{name: getattr(defaults, name) for name in defaults.prediction_settings if name != "num_labels"},
         id2label=id2label,
     )
     if model_args.backbone_checkpoint or model_args.pretrained_backbone:
-        return GFLForObjectDetection.from_pretrained_backbone(config, model_args.backbone_checkpoint)
-    return GFLForObjectDetection(config)
+        return model_class.from_pretrained_backbone(config, model_args.backbone_checkpoint)
+    return model_class(config)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -220,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             raise ValueError(f"The teacher's classes {teacher.config.id2label} differ from the dataset's {id2label}.")
     student = build_student(model_args, teacher, id2label)
 
-    image_processor = GFLImageProcessor(
+    image_processor = FAMILIES[student.config.model_type][2](
         size={"shortest_edge": data_args.shortest_edge, "longest_edge": data_args.longest_edge}
     )
     shortest_edge = data_args.shortest_edge
@@ -274,7 +298,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "finetuned_from": model_args.model_name_or_path,
         "tasks": "object-detection",
         "dataset": data_args.dataset_name or data_args.data_dir,
-        "tags": ["object-detection", "gfl", "knowledge-distillation", "hf_kd", training_args.kd_method],
+        "tags": [
+            "object-detection",
+            student.config.model_type,
+            "knowledge-distillation",
+            "hf_kd",
+            training_args.kd_method,
+        ],
     }
     if training_args.push_to_hub:
         trainer.push_to_hub(**card)

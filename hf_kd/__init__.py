@@ -8,10 +8,18 @@ first use of one of their names.
 import importlib
 
 from .models.detection import (
+    ATSSConfig,
+    ATSSForObjectDetection,
+    ATSSImageProcessor,
+    ATSSPreTrainedModel,
     DenseDetectionImageProcessor,
     DenseDetectionOutput,
     DenseDetectorConfig,
     DenseDetectorPreTrainedModel,
+    FCOSConfig,
+    FCOSForObjectDetection,
+    FCOSImageProcessor,
+    FCOSPreTrainedModel,
     GFLConfig,
     GFLForObjectDetection,
     GFLImageProcessor,
@@ -67,10 +75,18 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ATSSConfig",
+    "ATSSForObjectDetection",
+    "ATSSImageProcessor",
+    "ATSSPreTrainedModel",
     "DenseDetectionImageProcessor",
     "DenseDetectionOutput",
     "DenseDetectorConfig",
     "DenseDetectorPreTrainedModel",
+    "FCOSConfig",
+    "FCOSForObjectDetection",
+    "FCOSImageProcessor",
+    "FCOSPreTrainedModel",
     "GFLConfig",
     "GFLForObjectDetection",
     "GFLImageProcessor",

@@ -1,5 +1,5 @@
-"""Dense object detectors with timm backbones (GFL; RetinaNet, FCOS and ATSS to come), registered with the
-transformers Auto classes and the object-detection pipeline.
+"""Dense object detectors with timm backbones (GFL, RetinaNet, FCOS, ATSS), registered with the transformers Auto
+classes and the object-detection pipeline.
 
 Every family lives in this one folder (`configuration_<family>.py`, `modeling_<family>.py`) and shares the parts
 beside it (backbone, FPN, head towers, priors, assigners, box ops, losses, post-processing) through relative imports,
@@ -9,14 +9,27 @@ so that `save_pretrained` copies a family's remote code together with the shared
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection, AutoVideoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES
 
+from .configuration_atss import ATSSConfig
 from .configuration_dense import DenseDetectorConfig
+from .configuration_fcos import FCOSConfig
 from .configuration_gfl import GFLConfig
-from .image_processing_dense import DenseDetectionImageProcessor, GFLImageProcessor
+from .image_processing_dense import (
+    ATSSImageProcessor,
+    DenseDetectionImageProcessor,
+    FCOSImageProcessor,
+    GFLImageProcessor,
+)
+from .modeling_atss import ATSSForObjectDetection, ATSSPreTrainedModel
 from .modeling_dense import DenseDetectionOutput, DenseDetectorPreTrainedModel
+from .modeling_fcos import FCOSForObjectDetection, FCOSPreTrainedModel
 from .modeling_gfl import GFLForObjectDetection, GFLPreTrainedModel
 
 # model_type -> (config, model, image processor) of every family.
-FAMILIES = {"gfl": (GFLConfig, GFLForObjectDetection, GFLImageProcessor)}
+FAMILIES = {
+    "gfl": (GFLConfig, GFLForObjectDetection, GFLImageProcessor),
+    "fcos": (FCOSConfig, FCOSForObjectDetection, FCOSImageProcessor),
+    "atss": (ATSSConfig, ATSSForObjectDetection, ATSSImageProcessor),
+}
 
 for config_class, model_class, processor_class in FAMILIES.values():
     AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
@@ -33,10 +46,18 @@ for config_class, model_class, processor_class in FAMILIES.values():
 
 __all__ = [
     "FAMILIES",
+    "ATSSConfig",
+    "ATSSForObjectDetection",
+    "ATSSImageProcessor",
+    "ATSSPreTrainedModel",
     "DenseDetectionImageProcessor",
     "DenseDetectionOutput",
     "DenseDetectorConfig",
     "DenseDetectorPreTrainedModel",
+    "FCOSConfig",
+    "FCOSForObjectDetection",
+    "FCOSImageProcessor",
+    "FCOSPreTrainedModel",
     "GFLConfig",
     "GFLForObjectDetection",
     "GFLImageProcessor",
