@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import timm
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -85,8 +84,8 @@ class DenseDetectorPreTrainedModel(PreTrainedModel):
         freezes. Called by a family's `__init__` before `post_init()`."""
         config = self.config
         self.backbone = create_backbone(config)
-        for module in list(self.backbone.modules())[1:]:  # keep timm's initialisation
-            module._is_hf_initialized = True
+        for module in self.backbone.modules():  # keep timm's init, except for buffers that state dicts leave out
+            module._is_hf_initialized = not module._non_persistent_buffers_set
         self.neck = FeaturePyramid(
             self.backbone.feature_info.channels(),
             config.fpn_channels,
@@ -99,13 +98,13 @@ class DenseDetectorPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """MMDetection's init: Xavier-uniform FPN convs; normal(0, initializer_range) head convs, the classifier's bias
-        at the prior probability; GroupNorm (1, 0); scales 1. The timm backbone keeps timm's own init, except for the
-        buffers its state dict leaves out, which are rebuilt (they are not loaded by `from_pretrained`)."""
-        if module is getattr(self, "backbone", None):
-            if non_persistent_buffers(module):
-                fresh = timm.create_model(self.config.backbone, features_only=True, **self._backbone_kwargs())
-                for name, buffer in non_persistent_buffers(module).items():
-                    init.copy_(buffer, non_persistent_buffers(fresh)[name])
+        at the prior probability; GroupNorm (1, 0); scales 1. The timm backbone keeps timm's own init; the buffers its
+        state dict leaves out (e.g. Swin's relative-position indices), which `from_pretrained` does not load, get the
+        values of a freshly built backbone."""
+        if module._non_persistent_buffers_set:
+            prefix = next(name for name, candidate in self.backbone.named_modules() if candidate is module)
+            for name in module._non_persistent_buffers_set:
+                init.copy_(getattr(module, name), self._reference_backbone_buffers()[f"{prefix}.{name}".lstrip(".")])
         elif isinstance(module, Scale):
             init.ones_(module.scale)
         elif isinstance(module, nn.GroupNorm):
@@ -122,8 +121,12 @@ class DenseDetectorPreTrainedModel(PreTrainedModel):
                 prior_prob = self.config.prior_prob
                 init.constant_(module.bias, -math.log((1 - prior_prob) / prior_prob))
 
-    def _backbone_kwargs(self) -> dict:
-        return {**(self.config.backbone_kwargs or {}), "out_indices": tuple(self.config.backbone_out_indices)}
+    def _reference_backbone_buffers(self) -> dict[str, torch.Tensor]:
+        """The non-persistent buffers of a backbone built afresh from the config (once per model), by name."""
+        if not hasattr(self, "_backbone_buffers"):
+            with torch.device("cpu"):
+                self._backbone_buffers = non_persistent_buffers(create_backbone(self.config))
+        return self._backbone_buffers
 
     @classmethod
     def from_pretrained_backbone(cls, config, checkpoint_path: str | None = None) -> DenseDetectorPreTrainedModel:
