@@ -77,11 +77,35 @@ def mmdet_detections(outputs, nms_iou_threshold: float | None, max_detections: i
     )
 
 
-def assert_detections_match(actual: list[dict], saved: dict[str, torch.Tensor], key: str) -> None:
-    """Same labels (exactly), scores and boxes (within the tolerances) as the golden `key` detections, per image."""
+def assert_detections_match(actual: list[dict], saved: dict[str, torch.Tensor], key: str, window: int = 0) -> None:
+    """Same labels (exactly), scores and boxes (within the tolerances) as the golden `key` detections, per image, row
+    by row; with `window`, a golden row may match one of ours up to `window` rows away (candidates whose class
+    scores differ by less than the thread-count noise, ~1e-6, come in either order)."""
     for image, detections in enumerate(actual):
         prefix = f"{key}/img{image}"
-        assert len(detections["scores"]) == len(saved[f"{prefix}/scores"]) > 0, prefix
-        torch.testing.assert_close(detections["labels"], saved[f"{prefix}/labels"], atol=0, rtol=0, msg=prefix)
-        torch.testing.assert_close(detections["scores"], saved[f"{prefix}/scores"], **FEATURE_TOLERANCE, msg=prefix)
-        torch.testing.assert_close(detections["boxes"], saved[f"{prefix}/bboxes"], **BOX_TOLERANCE, msg=prefix)
+        expected = {name: saved[f"{prefix}/{name}"] for name in ("labels", "scores", "bboxes")}
+        assert len(detections["scores"]) == len(expected["scores"]) > 0, prefix
+        order = torch.arange(len(expected["scores"]))
+        if window:
+            order = match_rows(detections, expected, window, prefix)
+        torch.testing.assert_close(detections["labels"][order], expected["labels"], atol=0, rtol=0, msg=prefix)
+        torch.testing.assert_close(detections["scores"][order], expected["scores"], **FEATURE_TOLERANCE, msg=prefix)
+        torch.testing.assert_close(detections["boxes"][order], expected["bboxes"], **BOX_TOLERANCE, msg=prefix)
+
+
+def match_rows(detections: dict, expected: dict, window: int, prefix: str) -> torch.Tensor:
+    """For each golden row, the index of the unused row of ours within `window` rows with its label and (within the
+    tolerances) its box."""
+    used, order = set(), []
+    for row in range(len(expected["labels"])):
+        candidates = [
+            index
+            for index in range(max(0, row - window), min(len(detections["labels"]), row + window + 1))
+            if index not in used
+            and detections["labels"][index] == expected["labels"][row]
+            and torch.allclose(detections["boxes"][index], expected["bboxes"][row], **BOX_TOLERANCE)
+        ]
+        assert candidates, f"{prefix}: golden row {row} has no match within {window} rows"
+        used.add(candidates[0])
+        order.append(candidates[0])
+    return torch.tensor(order)

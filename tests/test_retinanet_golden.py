@@ -305,7 +305,7 @@ def test_detections_before_nms(golden, name):
     outputs, saved = golden["outputs"][name], golden["saved"][name]
     # MMDetection's with_nms=False: score threshold and per-level top-k only, level by level, no max_per_img cap
     candidates = mmdet_detections(outputs, nms_iou_threshold=None, max_detections=None)
-    assert_detections_match(candidates, saved, "det_prenms")
+    assert_detections_match(candidates, saved, "det_prenms", window=3)
     num_detections = golden["manifest"]["num_detections"][name]
     assert [len(image["scores"]) for image in candidates] == num_detections["det_prenms"]
 

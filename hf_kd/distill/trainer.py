@@ -203,7 +203,8 @@ class DistillationTrainer(Trainer):
             raise ValueError("Evaluation batches need `labels` (with `image_id`, `orig_size`) for COCO metrics.")
         detections = self._image_processor().post_process_object_detection(
             outputs,
-            threshold=self.args.eval_score_threshold,
+            threshold=0.0,
+            candidate_threshold=self.args.eval_score_threshold,
             target_sizes=torch.stack([target["orig_size"] for target in labels]),
             max_detections=self.args.eval_max_detections,
         )

@@ -23,6 +23,9 @@ class DenseDetectionImageProcessorKwargs(ImagesKwargs, total=False):
     size_divisor (`int`, *optional*, defaults to 32):
         Images are padded (bottom and right, with zeros after normalization) to the batch's largest height and width
         rounded up to a multiple of this.
+    candidate_threshold (`float`, *optional*, defaults to 0.05):
+        Post-processing: the class score a (prior, class) pair must exceed to be a candidate for NMS (MMDetection's
+        `score_thr`), unless the caller's `threshold` is lower.
     pre_nms_topk (`int`, *optional*, defaults to 1000):
         Post-processing: (prior, class) pairs kept per pyramid level before NMS.
     nms_iou_threshold (`float`, *optional*):
@@ -32,6 +35,7 @@ class DenseDetectionImageProcessorKwargs(ImagesKwargs, total=False):
     """
 
     size_divisor: int
+    candidate_threshold: float
     pre_nms_topk: int
     nms_iou_threshold: float
     max_detections: int
@@ -81,7 +85,7 @@ class DenseDetectionImageProcessor(TorchvisionBackend):
     Images are resized keeping their aspect ratio to fit `size["longest_edge"]` x `size["shortest_edge"]` (bilinear,
     no antialiasing, as MMDetection), scaled to [0, 1], normalized with the ImageNet mean and std, and zero-padded
     bottom/right to a multiple of `size_divisor`; `pixel_mask` (bool) marks the real pixels. Post-processing follows
-    MMDetection's test settings: `pre_nms_topk`, `nms_iou_threshold` and `max_detections`.
+    MMDetection's test settings: `candidate_threshold`, `pre_nms_topk`, `nms_iou_threshold` and `max_detections`.
     """
 
     valid_kwargs = DenseDetectionImageProcessorKwargs
@@ -90,6 +94,7 @@ class DenseDetectionImageProcessor(TorchvisionBackend):
     image_std = IMAGENET_DEFAULT_STD
     size = {"shortest_edge": 800, "longest_edge": 1333}
     size_divisor = 32
+    candidate_threshold = 0.05
     pre_nms_topk = 1000
     nms_iou_threshold = 0.6
     max_detections = 100
@@ -180,35 +185,44 @@ class DenseDetectionImageProcessor(TorchvisionBackend):
         outputs,
         threshold: float = 0.5,
         target_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
+        candidate_threshold: float | None = None,
         pre_nms_topk: int | None = None,
         nms_iou_threshold: float | None = None,
         max_detections: int | None = None,
     ) -> list[dict[str, torch.Tensor]]:
-        """Detections per image: `scores`, `labels` and `boxes` (absolute x1, y1, x2, y2), best first, in the frame of
-        `target_sizes` ((height, width) of the original images) or else of the model input.
+        """Detections per image whose score exceeds `threshold`: `scores`, `labels` and `boxes` (absolute x1, y1, x2,
+        y2), best first, in the frame of `target_sizes` ((height, width) of the original images) or else of the model
+        input.
 
-        Candidates are the (prior, class) pairs whose class score exceeds `threshold` (MMDetection's `score_thr`;
-        evaluation uses 0.05), at most `pre_nms_topk` per pyramid level; then class-aware NMS at `nms_iou_threshold`
-        and the best `max_detections` (defaults: this processor's settings). For FCOS and ATSS the returned score is
-        the class score times the sigmoid of the centre-ness, as MMDetection's, and can be below `threshold`.
+        MMDetection's test-time steps: the candidates are the (prior, class) pairs whose class score exceeds
+        `candidate_threshold` (default: the lower of `threshold` and this processor's `candidate_threshold`), at most
+        `pre_nms_topk` per pyramid level; boxes are clipped to the image; the score of FCOS and ATSS is the class score
+        times the sigmoid of the centre-ness; class-aware NMS at `nms_iou_threshold`; the best `max_detections`
+        (defaults: this processor's settings). MMDetection's evaluation is `threshold=0.0, candidate_threshold=0.05`.
         """
         if target_sizes is not None and len(target_sizes) != len(outputs.logits):
             raise ValueError(f"Got {len(target_sizes)} target sizes for {len(outputs.logits)} images.")
+        if candidate_threshold is None:
+            candidate_threshold = min(threshold, self.candidate_threshold)
         results = detect(
             outputs.logits,
             outputs.pred_boxes,
             outputs.image_sizes,
             level_sizes(outputs.feature_maps, outputs.logits.shape[1]),
             outputs.get("centerness_logits"),
-            score_threshold=threshold,
+            score_threshold=candidate_threshold,
             pre_nms_topk=pre_nms_topk if pre_nms_topk is not None else self.pre_nms_topk,
             nms_iou_threshold=nms_iou_threshold if nms_iou_threshold is not None else self.nms_iou_threshold,
             max_detections=max_detections if max_detections is not None else self.max_detections,
         )
+        scales = [None] * len(results)
         if target_sizes is not None:
             target_sizes = torch.as_tensor(target_sizes, dtype=torch.float32, device=outputs.logits.device)
             scales = (target_sizes / outputs.image_sizes).flip(-1).repeat(1, 2)  # (B, 4): x, y, x, y
-            for result, scale in zip(results, scales):
+        for result, scale in zip(results, scales):
+            keep = result["scores"] > threshold
+            result.update({key: value[keep] for key, value in result.items()})
+            if scale is not None:
                 result["boxes"] = result["boxes"] * scale
         return results
 
