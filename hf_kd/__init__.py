@@ -24,6 +24,10 @@ from .models.detection import (
     GFLForObjectDetection,
     GFLImageProcessor,
     GFLPreTrainedModel,
+    RetinaNetConfig,
+    RetinaNetForObjectDetection,
+    RetinaNetImageProcessor,
+    RetinaNetPreTrainedModel,
 )
 
 __version__ = "0.2.0"
@@ -91,5 +95,9 @@ __all__ = [
     "GFLForObjectDetection",
     "GFLImageProcessor",
     "GFLPreTrainedModel",
+    "RetinaNetConfig",
+    "RetinaNetForObjectDetection",
+    "RetinaNetImageProcessor",
+    "RetinaNetPreTrainedModel",
     *_LAZY_NAMES,
 ]

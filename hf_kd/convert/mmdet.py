@@ -120,8 +120,8 @@ def detect_resnet(state_dict: dict[str, torch.Tensor]) -> str | None:
 def config_from_state_dict(
     state_dict: dict[str, torch.Tensor], meta: dict[str, Any], **config_kwargs
 ) -> DenseDetectorConfig:
-    """The hf_kd config of a checkpoint: family, widths, tower depth, classes (names from `meta` when it has them)
-    and, for a standard ResNet, the timm backbone; `config_kwargs` override what is read."""
+    """The hf_kd config of a checkpoint: family, widths, tower depth, the FPN's extra-level input, classes (names from
+    `meta` when it has them) and, for a standard ResNet, the timm backbone; `config_kwargs` override what is read."""
     family = detect_family(state_dict)
     config_class = FAMILIES[family][0]
     classifier = state_dict[f"bbox_head.{CLASSIFIERS[family]}.weight"]
@@ -132,6 +132,12 @@ def config_from_state_dict(
             {key for key in state_dict if re.match(r"bbox_head\.cls_convs\.\d+\.conv\.weight$", key)}
         ),
     }
+    # the first extra level's conv reads the last backbone feature ("input") or the last FPN output ("output")
+    num_inputs = len({key for key in state_dict if re.match(r"neck\.lateral_convs\.\d+\.conv\.weight$", key)})
+    extra_conv = state_dict.get(f"neck.fpn_convs.{num_inputs}.conv.weight")
+    last_input = state_dict[f"neck.lateral_convs.{num_inputs - 1}.conv.weight"].shape[1]
+    if extra_conv is not None and last_input != inferred["fpn_channels"]:
+        inferred["fpn_extra_convs_on"] = "input" if extra_conv.shape[1] == last_input else "output"
     num_classes = classifier.shape[0]
     if family == "retinanet":
         num_classes //= state_dict["bbox_head.retina_reg.weight"].shape[0] // 4

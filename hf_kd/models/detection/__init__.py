@@ -13,20 +13,24 @@ from .configuration_atss import ATSSConfig
 from .configuration_dense import DenseDetectorConfig
 from .configuration_fcos import FCOSConfig
 from .configuration_gfl import GFLConfig
+from .configuration_retinanet import RetinaNetConfig
 from .image_processing_dense import (
     ATSSImageProcessor,
     DenseDetectionImageProcessor,
     FCOSImageProcessor,
     GFLImageProcessor,
+    RetinaNetImageProcessor,
 )
 from .modeling_atss import ATSSForObjectDetection, ATSSPreTrainedModel
 from .modeling_dense import DenseDetectionOutput, DenseDetectorPreTrainedModel
 from .modeling_fcos import FCOSForObjectDetection, FCOSPreTrainedModel
 from .modeling_gfl import GFLForObjectDetection, GFLPreTrainedModel
+from .modeling_retinanet import RetinaNetForObjectDetection, RetinaNetPreTrainedModel
 
 # model_type -> (config, model, image processor) of every family.
 FAMILIES = {
     "gfl": (GFLConfig, GFLForObjectDetection, GFLImageProcessor),
+    "retinanet": (RetinaNetConfig, RetinaNetForObjectDetection, RetinaNetImageProcessor),
     "fcos": (FCOSConfig, FCOSForObjectDetection, FCOSImageProcessor),
     "atss": (ATSSConfig, ATSSForObjectDetection, ATSSImageProcessor),
 }
@@ -62,4 +66,8 @@ __all__ = [
     "GFLForObjectDetection",
     "GFLImageProcessor",
     "GFLPreTrainedModel",
+    "RetinaNetConfig",
+    "RetinaNetForObjectDetection",
+    "RetinaNetImageProcessor",
+    "RetinaNetPreTrainedModel",
 ]
