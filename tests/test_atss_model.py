@@ -1,28 +1,18 @@
-"""ATSSForObjectDetection as a transformers model: the config and its round trip, save/load, training on real photos
-(a small ATSS overfits a few coco128 photos on CPU) and a CrossKD training step with an ATSS teacher."""
+"""ATSSForObjectDetection: the config and its round trip, the head, decoding, losses and a CrossKD training step with
+an ATSS teacher (save/load, remote code, the pipeline and overfitting real photos: tests/test_families.py)."""
 
-import contextlib
 import copy
-import io
-import json
-import time
 
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from PIL import Image
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from model_utils import TINY_LABELS
+from model_utils import random_batch as random_images
 
 from hf_kd import DetectionDistiller, DistillationConfig
 from hf_kd.models.detection.configuration_atss import ATSSConfig
-from hf_kd.models.detection.image_processing_dense import ATSSImageProcessor
 from hf_kd.models.detection.modeling_atss import ATSSForObjectDetection
 
-TINY_LABELS = {0: "cat", 1: "dog", 2: "bird"}
-# coco128 images with one large object each (category ids: 24 zebra, 18 dog, 5 airplane, 23 bear)
-OVERFIT_IMAGE_IDS = (34, 42, 81, 502)
-OVERFIT_STEPS = 40
 LOSS_NAMES = ("loss_cls", "loss_bbox", "loss_centerness")
 
 
@@ -31,22 +21,18 @@ def tiny_config(**kwargs) -> ATSSConfig:
     return ATSSConfig(**(defaults | kwargs))
 
 
+LABELS = [
+    {
+        "boxes": torch.tensor([[10.0, 12.0, 90.0, 100.0], [100.0, 20.0, 150.0, 60.0]]),
+        "class_labels": torch.tensor([1, 2]),
+    },
+    {"boxes": torch.tensor([[20.0, 30.0, 80.0, 90.0]]), "class_labels": torch.tensor([0])},
+]
+
+
 def random_batch(seed: int = 0) -> dict:
-    """Two normalized images of different sizes padded to 128x160, their pixel mask and one box each."""
-    generator = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(2, 3, 128, 160, generator=generator)
-    pixel_mask = torch.ones(2, 128, 160, dtype=torch.bool)
-    pixel_mask[1, 96:] = False
-    pixel_mask[1, :, 128:] = False
-    pixel_values[1] *= pixel_mask[1]
-    labels = [
-        {
-            "boxes": torch.tensor([[10.0, 12.0, 90.0, 100.0], [100.0, 20.0, 150.0, 60.0]]),
-            "class_labels": torch.tensor([1, 2]),
-        },
-        {"boxes": torch.tensor([[20.0, 30.0, 80.0, 90.0]]), "class_labels": torch.tensor([0])},
-    ]
-    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels}
+    """Two normalized images of different sizes padded to 128x160, their pixel mask and boxes."""
+    return dict(random_images(seed), labels=LABELS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -117,18 +103,6 @@ def test_forward_losses_and_outputs():
     assert all(torch.isfinite(value) and value > 0 for value in one_empty.loss_dict.values())
 
 
-def test_save_and_load(tmp_path):
-    torch.manual_seed(0)
-    model = ATSSForObjectDetection(tiny_config()).eval()
-    model.save_pretrained(tmp_path)
-    loaded = ATSSForObjectDetection.from_pretrained(tmp_path).eval()
-    batch = random_batch()
-    with torch.no_grad():
-        expected, actual = model(batch["pixel_values"]), loaded(batch["pixel_values"])
-    for name in ("logits", "bbox_regression", "centerness_logits", "pred_boxes"):
-        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), atol=0, rtol=0)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Distillation: a CrossKD training step with an ATSS teacher
 # ---------------------------------------------------------------------------------------------------------------------
@@ -177,104 +151,3 @@ def test_distiller_rejects_a_teacher_with_other_box_coding():
     )
     with pytest.raises(ValueError, match="box_coder_stds"):
         DetectionDistiller(student, teacher, DistillationConfig.from_method("crosskd", "atss"))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Training: a small ATSS overfits a few coco128 photos on CPU
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def coco_map50(ground_truth: list[dict], detections: list[dict], num_classes: int) -> float:
-    """pycocotools mAP@0.5 of `detections` (`image_id`, `category_id`, xywh `bbox`, `score`)."""
-    dataset = {
-        "images": [{"id": image_id} for image_id in sorted({a["image_id"] for a in ground_truth})],
-        "categories": [{"id": index} for index in range(num_classes)],
-        "annotations": [dict(annotation, id=index + 1) for index, annotation in enumerate(ground_truth)],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = dataset
-        coco.createIndex()
-        evaluator = COCOeval(coco, coco.loadRes(detections), "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return float(evaluator.stats[1])
-
-
-@pytest.fixture(scope="module")
-def overfit(coco128_dir):
-    """Trains a resnet18 ATSS (random init, FPN/head width 64) for 40 AdamW steps (lr 1e-3) on 4 coco128 photos resized
-    to fit 256x192, then detects on them (boxes in the original photos' pixels)."""
-    coco = json.loads((coco128_dir / "annotations.json").read_text())
-    images_by_id = {image["id"]: image for image in coco["images"]}
-    annotations = [a for a in coco["annotations"] if a["image_id"] in OVERFIT_IMAGE_IDS and not a["iscrowd"]]
-    category_ids = sorted({a["category_id"] for a in annotations})
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    to_label = {category_id: index for index, category_id in enumerate(category_ids)}
-    annotations = [dict(a, category_id=to_label[a["category_id"]]) for a in annotations]
-    images = [
-        Image.open(coco128_dir / "images" / images_by_id[image_id]["file_name"]).convert("RGB")
-        for image_id in OVERFIT_IMAGE_IDS
-    ]
-    processor = ATSSImageProcessor(size={"shortest_edge": 192, "longest_edge": 256})
-    batch = processor(
-        images=images,
-        annotations=[
-            {"image_id": image_id, "annotations": [a for a in annotations if a["image_id"] == image_id]}
-            for image_id in OVERFIT_IMAGE_IDS
-        ],
-        return_tensors="pt",
-    )
-    config = ATSSConfig(
-        backbone="resnet18",
-        fpn_channels=64,
-        head_channels=64,
-        id2label={index: names[category_id] for index, category_id in enumerate(category_ids)},
-        backbone_frozen_stages=-1,  # no pretrained weights offline: train everything, BatchNorm included
-        freeze_backbone_norm=False,
-    )
-    torch.manual_seed(0)
-    model = ATSSForObjectDetection(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    losses, start = [], time.perf_counter()
-    for _ in range(OVERFIT_STEPS):
-        outputs = model(batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
-        optimizer.zero_grad()
-        outputs.loss.backward()
-        optimizer.step()
-        losses.append([outputs.loss_dict[name].item() for name in LOSS_NAMES])
-    train_seconds = time.perf_counter() - start
-    model.eval()
-    with torch.no_grad():
-        outputs = model(batch["pixel_values"], pixel_mask=batch["pixel_mask"])
-    original_sizes = [(image.height, image.width) for image in images]
-    results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=original_sizes)
-    return {
-        "model": model,
-        "annotations": annotations,
-        "results": results,
-        "losses": torch.tensor(losses),
-        "train_seconds": train_seconds,
-    }
-
-
-def test_training_overfits_real_photos(overfit):
-    losses = overfit["losses"]  # (steps, 3): loss_cls, loss_bbox, loss_centerness
-    assert torch.isfinite(losses).all()
-    windows = losses.view(-1, 10, len(LOSS_NAMES)).mean(1)  # mean of each 10 steps
-    total = windows.sum(-1)
-    assert (total[1:] < total[:-1]).all(), windows
-    # focal and box losses fall towards 0; the centre-ness BCE towards the entropy of its soft targets (~0.57 here)
-    assert (windows[-1, :2] < 0.25 * windows[0, :2]).all(), windows
-    assert windows[-1, 2] < windows[0, 2], windows
-    detections = [
-        {"image_id": image_id, "category_id": label, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
-        for image_id, result in zip(OVERFIT_IMAGE_IDS, overfit["results"])
-        for (x1, y1, x2, y2), score, label in zip(
-            result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist()
-        )
-    ]
-    num_classes = overfit["model"].config.num_labels
-    map50 = coco_map50(overfit["annotations"], detections, num_classes)
-    assert map50 > 0.9, f"mAP@0.5 {map50:.3f} after {OVERFIT_STEPS} steps ({overfit['train_seconds']:.0f} s)"

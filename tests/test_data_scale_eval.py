@@ -255,7 +255,9 @@ def test_coco_compute_metrics_other_processes_get_the_main_process_numbers(bccd_
     monkeypatch.setattr(CocoDetectionMAP, "__init__", lambda *a, **k: pytest.fail("built on a non-main process"))
     assert coco_compute_metrics(path)(EvalPrediction(predictions=[], label_ids=[])) == sent
 
-    monkeypatch.setattr(compute_metrics_module, "broadcast_object_list", lambda objects, from_process: [None, "ValueError: x"])
+    monkeypatch.setattr(
+        compute_metrics_module, "broadcast_object_list", lambda objects, from_process: [None, "ValueError: x"]
+    )
     with pytest.raises(RuntimeError, match="failed on the main process: ValueError: x"):
         coco_compute_metrics(path)(EvalPrediction(predictions=[], label_ids=[]))
 
@@ -265,7 +267,9 @@ def test_coco_compute_metrics_main_process_broadcasts_errors(bccd_dir, monkeypat
     monkeypatch.setattr(compute_metrics_module, "PartialState", lambda: _FakeState(main=True, processes=2))
     payloads = []
     monkeypatch.setattr(
-        compute_metrics_module, "broadcast_object_list", lambda objects, from_process: payloads.append(objects) or objects
+        compute_metrics_module,
+        "broadcast_object_list",
+        lambda objects, from_process: payloads.append(objects) or objects,
     )
     bad = EvalPrediction(
         predictions=[np.zeros((1, 1, 6), np.float32)], label_ids=[np.array([123456789])]

@@ -1,24 +1,19 @@
-"""FCOSForObjectDetection as a transformers model: configuration, initialisation, save/load, training on real photos
-and a CrossKD training step through `DetectionDistiller` with an FCOS teacher."""
+"""FCOSForObjectDetection: configuration, initialisation, outputs, a step without boxes and a CrossKD training step
+through `DetectionDistiller` with an FCOS teacher (save/load, remote code, the pipeline and overfitting real photos:
+tests/test_families.py)."""
 
 import copy
-import json
 import math
-import time
 
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from PIL import Image
-from test_gfl_model import OVERFIT_IMAGE_IDS, coco_map50, random_batch
+from model_utils import TINY_LABELS, random_batch
 
 from hf_kd import DetectionDistiller, DistillationConfig
 from hf_kd.models.detection.configuration_fcos import FCOSConfig
-from hf_kd.models.detection.image_processing_dense import FCOSImageProcessor
 from hf_kd.models.detection.modeling_fcos import FCOSForObjectDetection
 
-TINY_LABELS = {0: "cat", 1: "dog", 2: "bird"}
-OVERFIT_STEPS = 40
 LOSS_NAMES = {"loss_cls", "loss_bbox", "loss_centerness"}
 LABELS = [
     {
@@ -35,7 +30,7 @@ def tiny_config(**kwargs) -> FCOSConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Configuration, initialisation, save/load
+# Configuration, initialisation, outputs
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -88,20 +83,6 @@ def test_outputs_are_points_and_positive_distances():
     torch.testing.assert_close(outputs.pred_boxes[..., 2:], points + outputs.bbox_regression[..., 2:])
 
 
-def test_save_pretrained_round_trip(tmp_path):
-    torch.manual_seed(0)
-    model = FCOSForObjectDetection(tiny_config()).eval()
-    model.save_pretrained(tmp_path)
-    loaded = FCOSForObjectDetection.from_pretrained(tmp_path).eval()
-    assert loaded.config.regress_ranges == model.config.regress_ranges
-    assert loaded.config.id2label == TINY_LABELS and loaded.config.fpn_relu_before_extra_convs
-    batch = random_batch()
-    with torch.no_grad():
-        expected, actual = model(**batch), loaded(**batch)
-    for field in ("logits", "bbox_regression", "centerness_logits", "pred_boxes"):
-        torch.testing.assert_close(getattr(actual, field), getattr(expected, field), atol=0, rtol=0)
-
-
 def test_training_step_without_boxes_is_finite():
     """An image without boxes trains its classification only; the box and centre-ness losses are 0, not NaN."""
     torch.manual_seed(0)
@@ -112,87 +93,6 @@ def test_training_step_without_boxes_is_finite():
     outputs.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.head.conv_cls.weight.grad.abs().sum() > 0
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Training: a small FCOS overfits a few coco128 photos on CPU
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def overfit(coco128_dir):
-    """Trains a resnet18 FCOS (random init, FPN/head width 64) for 40 AdamW steps (lr 1e-3) on 4 coco128 photos
-    resized to fit 256x192, then detects on them (boxes in the original photos' pixels)."""
-    coco = json.loads((coco128_dir / "annotations.json").read_text())
-    images_by_id = {image["id"]: image for image in coco["images"]}
-    annotations = [a for a in coco["annotations"] if a["image_id"] in OVERFIT_IMAGE_IDS and not a["iscrowd"]]
-    category_ids = sorted({a["category_id"] for a in annotations})
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    to_label = {category_id: index for index, category_id in enumerate(category_ids)}
-    annotations = [dict(a, category_id=to_label[a["category_id"]]) for a in annotations]
-    images = [
-        Image.open(coco128_dir / "images" / images_by_id[image_id]["file_name"]).convert("RGB")
-        for image_id in OVERFIT_IMAGE_IDS
-    ]
-    processor = FCOSImageProcessor(size={"shortest_edge": 192, "longest_edge": 256})
-    batch = processor(
-        images=images,
-        annotations=[
-            {"image_id": image_id, "annotations": [a for a in annotations if a["image_id"] == image_id]}
-            for image_id in OVERFIT_IMAGE_IDS
-        ],
-        return_tensors="pt",
-    )
-    config = FCOSConfig(
-        backbone="resnet18",
-        fpn_channels=64,
-        head_channels=64,
-        id2label={index: names[category_id] for index, category_id in enumerate(category_ids)},
-        backbone_frozen_stages=-1,  # no pretrained weights offline: train everything, BatchNorm included
-        freeze_backbone_norm=False,
-    )
-    torch.manual_seed(0)
-    model = FCOSForObjectDetection(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    losses, start = [], time.perf_counter()
-    for _ in range(OVERFIT_STEPS):
-        outputs = model(batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
-        optimizer.zero_grad()
-        outputs.loss.backward()
-        optimizer.step()
-        losses.append(outputs.loss.item())
-    train_seconds = time.perf_counter() - start
-    model.eval()
-    with torch.no_grad():
-        outputs = model(batch["pixel_values"], pixel_mask=batch["pixel_mask"])
-    original_sizes = [(image.height, image.width) for image in images]
-    results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=original_sizes)
-    return {
-        "model": model,
-        "annotations": annotations,
-        "results": results,
-        "losses": torch.tensor(losses),
-        "train_seconds": train_seconds,
-    }
-
-
-def test_training_overfits_real_photos(overfit):
-    losses = overfit["losses"]
-    assert torch.isfinite(losses).all()
-    windows = losses.view(-1, 10).mean(1)  # mean loss of each 10 steps: falls steadily
-    assert (windows[1:] < windows[:-1]).all(), windows
-    # the centre-ness BCE keeps the entropy of its soft targets (~0.5), so the total falls less than GFL's
-    assert windows[-1] < 0.5 * windows[0], windows
-    detections = [
-        {"image_id": image_id, "category_id": label, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
-        for image_id, result in zip(OVERFIT_IMAGE_IDS, overfit["results"])
-        for (x1, y1, x2, y2), score, label in zip(
-            result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist()
-        )
-    ]
-    num_classes = overfit["model"].config.num_labels
-    map50 = coco_map50(overfit["annotations"], detections, num_classes)
-    assert map50 > 0.9, f"mAP@0.5 {map50:.3f} after {OVERFIT_STEPS} steps ({overfit['train_seconds']:.0f} s)"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -4,55 +4,29 @@ backbone freezing and pretrained weights, the image processor and the MMDetectio
 import json
 import math
 import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
+from model_utils import TINY_LABELS, random_batch
 from PIL import Image
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection, pipeline
+from transformers import AutoConfig, AutoModelForObjectDetection
 
 from hf_kd import GFLConfig, GFLForObjectDetection, GFLImageProcessor
 from hf_kd.convert.mmdet import load_converted_weights
 from hf_kd.models.detection.image_processing_dense import get_resize_output_size
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_LABELS = {0: "cat", 1: "dog", 2: "bird"}
-# coco128 images with one large object each (category ids: 24 zebra, 18 dog, 5 airplane, 23 bear)
-OVERFIT_IMAGE_IDS = (34, 42, 81, 502)
-OVERFIT_STEPS = 40
 
 
 def tiny_config(**kwargs) -> GFLConfig:
     defaults = {"backbone": "resnet18", "fpn_channels": 32, "head_channels": 32, "id2label": TINY_LABELS}
     return GFLConfig(**(defaults | kwargs))
-
-
-def random_batch(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Two normalized images of different sizes padded to 128x160, with their pixel mask."""
-    generator = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(2, 3, 128, 160, generator=generator)
-    pixel_mask = torch.ones(2, 128, 160, dtype=torch.long)
-    pixel_mask[1, 96:] = 0
-    pixel_mask[1, :, 128:] = 0
-    pixel_values[1] *= pixel_mask[1]
-    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
-
-
-def xyxy_iou(box: list[float], other: list[float]) -> float:
-    width = max(0.0, min(box[2], other[2]) - max(box[0], other[0]))
-    height = max(0.0, min(box[3], other[3]) - max(box[1], other[1]))
-    overlap = width * height
-    area = (box[2] - box[0]) * (box[3] - box[1]) + (other[2] - other[0]) * (other[3] - other[1])
-    return overlap / (area - overlap)
 
 
 @pytest.fixture(scope="module")
@@ -82,39 +56,9 @@ def detections(outputs) -> list[dict[str, torch.Tensor]]:
     return GFLImageProcessor().post_process_object_detection(outputs, threshold=0.05)
 
 
-def assert_same_outputs(outputs, expected) -> None:
-    for name in ("logits", "bbox_regression", "pred_boxes"):
-        torch.testing.assert_close(getattr(outputs, name), getattr(expected, name), atol=0, rtol=0, msg=name)
-    for image, expected_image in zip(detections(outputs), detections(expected), strict=True):
-        assert len(expected_image["scores"]) > 0
-        for key in ("boxes", "scores", "labels"):
-            torch.testing.assert_close(image[key], expected_image[key], atol=0, rtol=0, msg=key)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# (a) save_pretrained -> Auto classes, (b) remote code in a fresh process
+# (a) config round trip (save/load, remote code, pipeline and overfitting of every family: tests/test_families.py)
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def test_save_pretrained_round_trip(tiny_model, tiny_model_dir):
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    assert isinstance(config, GFLConfig) and config.id2label == TINY_LABELS
-    model = AutoModelForObjectDetection.from_pretrained(tiny_model_dir)
-    assert type(model) is GFLForObjectDetection and not model.training
-    expected_state = tiny_model.state_dict()
-    state = model.state_dict()
-    assert state.keys() == expected_state.keys()
-    for key, value in state.items():  # includes BatchNorm running statistics and num_batches_tracked
-        torch.testing.assert_close(value, expected_state[key], atol=0, rtol=0, msg=key)
-    expected_buffers = dict(tiny_model.named_buffers())  # non-persistent buffers too, should any be added
-    for name, buffer in model.named_buffers():
-        torch.testing.assert_close(buffer, expected_buffers[name], atol=0, rtol=0, msg=name)
-    batch = random_batch()
-    with torch.no_grad():
-        assert_same_outputs(model(**batch), tiny_model(**batch))
-    processor = AutoImageProcessor.from_pretrained(tiny_model_dir)
-    assert type(processor) is GFLImageProcessor
-    assert processor.size.shortest_edge == 128 and processor.size.longest_edge == 160
 
 
 def test_two_default_labels_survive_save_pretrained(tmp_path):
@@ -123,181 +67,6 @@ def test_two_default_labels_survive_save_pretrained(tmp_path):
     GFLForObjectDetection(tiny_config(id2label=None, num_labels=2)).save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).num_labels == 2
     assert AutoModelForObjectDetection.from_pretrained(tmp_path).head.gfl_cls.out_channels == 2
-
-
-REMOTE_CODE_SCRIPT = """
-import sys
-
-sys.modules["hf_kd"] = None  # hf_kd is installed in this environment: make it unimportable here
-import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
-from transformers import AutoImageProcessor, AutoModelForObjectDetection, pipeline
-
-model_dir, inputs_path, outputs_path = sys.argv[1:]
-try:
-    import hf_kd  # noqa: F401
-except ImportError:
-    pass
-else:
-    raise AssertionError("hf_kd must not be importable")
-model = AutoModelForObjectDetection.from_pretrained(model_dir, trust_remote_code=True)
-processor = AutoImageProcessor.from_pretrained(model_dir, trust_remote_code=True)
-for obj in (model, processor):
-    assert type(obj).__module__.startswith("transformers_modules."), type(obj).__module__
-with torch.no_grad():
-    outputs = model(**load_file(inputs_path))
-tensors = {"logits": outputs.logits, "bbox_regression": outputs.bbox_regression, "pred_boxes": outputs.pred_boxes}
-for image, detections in enumerate(processor.post_process_object_detection(outputs, threshold=0.05)):
-    tensors.update({f"{key}/{image}": value for key, value in detections.items()})
-save_file({key: value.contiguous() for key, value in tensors.items()}, outputs_path)
-results = pipeline("object-detection", model=model_dir, trust_remote_code=True)(Image.new("RGB", (90, 70)), threshold=0)
-assert results and {"score", "label", "box"} <= set(results[0]), results
-"""
-
-
-def test_remote_code_in_fresh_process(tiny_model, tiny_model_dir, tmp_path):
-    for file in tiny_model_dir.glob("*.py"):  # copied flat: relative imports of sibling files only, no hf_kd
-        source = file.read_text()
-        assert not re.search(r"^\s*(from|import)\s+hf_kd", source, re.MULTILINE), file.name
-        for module in re.findall(r"^\s*from\s+\.(\w+)\s+import", source, re.MULTILINE):
-            assert (tiny_model_dir / f"{module}.py").is_file(), f"{file.name} imports .{module}"
-    batch = random_batch(seed=1)
-    save_file(batch, tmp_path / "inputs.safetensors")
-    (tmp_path / "remote.py").write_text(REMOTE_CODE_SCRIPT)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    command = [sys.executable, "-I", "remote.py", str(tiny_model_dir), "inputs.safetensors", "outputs.safetensors"]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    remote = load_file(tmp_path / "outputs.safetensors")
-    with torch.no_grad():
-        expected = tiny_model(**batch)
-    for name in ("logits", "bbox_regression", "pred_boxes"):
-        torch.testing.assert_close(remote[name], getattr(expected, name), atol=0, rtol=0, msg=name)
-    for image, image_detections in enumerate(detections(expected)):
-        for key, value in image_detections.items():
-            torch.testing.assert_close(remote[f"{key}/{image}"], value, atol=0, rtol=0, msg=f"{key}/{image}")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# (d) training: a small GFL overfits a few coco128 photos on CPU; (c) the pipeline on one of them
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def coco_map50(ground_truth: list[dict], detections: list[dict], num_classes: int) -> float:
-    """pycocotools mAP@0.5 of `detections` (`image_id`, `category_id`, xywh `bbox`, `score`)."""
-    dataset = {
-        "images": [{"id": image_id} for image_id in sorted({a["image_id"] for a in ground_truth})],
-        "categories": [{"id": index} for index in range(num_classes)],
-        "annotations": [dict(annotation, id=index + 1) for index, annotation in enumerate(ground_truth)],
-    }
-    coco = COCO()
-    coco.dataset = dataset
-    coco.createIndex()
-    evaluator = COCOeval(coco, coco.loadRes(detections), "bbox")
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
-    return float(evaluator.stats[1])
-
-
-@pytest.fixture(scope="module")
-def overfit(coco128_dir):
-    """Trains a resnet18 GFL (random init, FPN/head width 64) for 40 AdamW steps on 4 coco128 photos resized to fit
-    256x192, then detects on them (boxes in the original photos' pixels)."""
-    coco = json.loads((coco128_dir / "annotations.json").read_text())
-    images_by_id = {image["id"]: image for image in coco["images"]}
-    annotations = [a for a in coco["annotations"] if a["image_id"] in OVERFIT_IMAGE_IDS and not a["iscrowd"]]
-    category_ids = sorted({a["category_id"] for a in annotations})
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    to_label = {category_id: index for index, category_id in enumerate(category_ids)}
-    annotations = [dict(a, category_id=to_label[a["category_id"]]) for a in annotations]
-    images = [
-        Image.open(coco128_dir / "images" / images_by_id[image_id]["file_name"]).convert("RGB")
-        for image_id in OVERFIT_IMAGE_IDS
-    ]
-    processor = GFLImageProcessor(size={"shortest_edge": 192, "longest_edge": 256})
-    batch = processor(
-        images=images,
-        annotations=[
-            {"image_id": image_id, "annotations": [a for a in annotations if a["image_id"] == image_id]}
-            for image_id in OVERFIT_IMAGE_IDS
-        ],
-        return_tensors="pt",
-    )
-    config = GFLConfig(
-        backbone="resnet18",
-        fpn_channels=64,
-        head_channels=64,
-        id2label={index: names[category_id] for index, category_id in enumerate(category_ids)},
-        backbone_frozen_stages=-1,  # no pretrained weights offline: train everything, BatchNorm included
-        freeze_backbone_norm=False,
-    )
-    torch.manual_seed(0)
-    model = GFLForObjectDetection(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    losses, start = [], time.perf_counter()
-    for _ in range(OVERFIT_STEPS):
-        outputs = model(batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
-        optimizer.zero_grad()
-        outputs.loss.backward()
-        optimizer.step()
-        losses.append(outputs.loss.item())
-    train_seconds = time.perf_counter() - start
-    model.eval()
-    with torch.no_grad():
-        outputs = model(batch["pixel_values"], pixel_mask=batch["pixel_mask"])
-    original_sizes = [(image.height, image.width) for image in images]
-    results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=original_sizes)
-    return {
-        "model": model,
-        "processor": processor,
-        "images": images,
-        "annotations": annotations,
-        "results": results,
-        "losses": torch.tensor(losses),
-        "train_seconds": train_seconds,
-    }
-
-
-def test_training_overfits_real_photos(overfit):
-    losses = overfit["losses"]
-    assert torch.isfinite(losses).all()
-    windows = losses.view(-1, 10).mean(1)  # mean loss of each 10 steps: falls steadily
-    assert (windows[1:] < windows[:-1]).all(), windows
-    assert windows[-1] < 0.25 * windows[0], windows
-    detections = [
-        {"image_id": image_id, "category_id": label, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
-        for image_id, result in zip(OVERFIT_IMAGE_IDS, overfit["results"])
-        for (x1, y1, x2, y2), score, label in zip(
-            result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist()
-        )
-    ]
-    num_classes = overfit["model"].config.num_labels
-    map50 = coco_map50(overfit["annotations"], detections, num_classes)
-    assert map50 > 0.9, f"mAP@0.5 {map50:.3f} after {OVERFIT_STEPS} steps ({overfit['train_seconds']:.0f} s)"
-
-
-def test_pipeline_on_a_real_photo(overfit, tmp_path):
-    overfit["model"].save_pretrained(tmp_path)
-    overfit["processor"].save_pretrained(tmp_path)
-    detector = pipeline("object-detection", model=str(tmp_path))
-    image = overfit["images"][1]
-    results = detector(image, threshold=0.3)
-    assert results and all({"score", "label", "box"} == set(result) for result in results)
-    labels = set(overfit["model"].config.id2label.values())
-    for result in results:
-        assert result["label"] in labels and 0.3 < result["score"] <= 1
-        box = result["box"]
-        assert 0 <= box["xmin"] < box["xmax"] <= image.width and 0 <= box["ymin"] < box["ymax"] <= image.height
-    # the best detection is the photo's object, in the original image's pixels
-    (annotation,) = [a for a in overfit["annotations"] if a["image_id"] == OVERFIT_IMAGE_IDS[1]]
-    best = max(results, key=lambda result: result["score"])
-    assert best["label"] == overfit["model"].config.id2label[annotation["category_id"]]
-    x, y, width, height = annotation["bbox"]
-    box = [best["box"][key] for key in ("xmin", "ymin", "xmax", "ymax")]
-    assert xyxy_iou(box, [x, y, x + width, y + height]) > 0.7
 
 
 # ---------------------------------------------------------------------------------------------------------------------

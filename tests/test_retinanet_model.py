@@ -1,30 +1,20 @@
-"""RetinaNetForObjectDetection as a transformers model: the config and its round trip, the head and its anchors,
-decoding, losses, save/load, training on real photos (a small RetinaNet overfits a few coco128 photos on CPU) and a
-CrossKD training step with a RetinaNet teacher."""
+"""RetinaNetForObjectDetection: the config and its round trip, the head and its anchors, decoding, losses and a CrossKD
+training step with a RetinaNet teacher (save/load, remote code, the pipeline and overfitting real photos:
+tests/test_families.py)."""
 
-import contextlib
 import copy
-import io
-import json
 import math
-import time
 
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError
-from PIL import Image
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from model_utils import TINY_LABELS
+from model_utils import random_batch as random_images
 
 from hf_kd import DetectionDistiller, DistillationConfig
 from hf_kd.models.detection.configuration_retinanet import RetinaNetConfig
-from hf_kd.models.detection.image_processing_dense import RetinaNetImageProcessor
 from hf_kd.models.detection.modeling_retinanet import RetinaNetForObjectDetection
 
-TINY_LABELS = {0: "cat", 1: "dog", 2: "bird"}
-# coco128 images with one large object each (category ids: 24 zebra, 18 dog, 5 airplane, 23 bear)
-OVERFIT_IMAGE_IDS = (34, 42, 81, 502)
-OVERFIT_STEPS = 40
 LOSS_NAMES = ("loss_cls", "loss_bbox")
 KD_LOSS_NAMES = ("loss_cls_kd", "loss_loc_kd")
 
@@ -34,22 +24,18 @@ def tiny_config(**kwargs) -> RetinaNetConfig:
     return RetinaNetConfig(**(defaults | kwargs))
 
 
+LABELS = [
+    {
+        "boxes": torch.tensor([[10.0, 12.0, 90.0, 100.0], [100.0, 20.0, 150.0, 60.0]]),
+        "class_labels": torch.tensor([1, 2]),
+    },
+    {"boxes": torch.tensor([[20.0, 30.0, 80.0, 90.0]]), "class_labels": torch.tensor([0])},
+]
+
+
 def random_batch(seed: int = 0) -> dict:
     """Two normalized images of different sizes padded to 128x160, their pixel mask and boxes."""
-    generator = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(2, 3, 128, 160, generator=generator)
-    pixel_mask = torch.ones(2, 128, 160, dtype=torch.bool)
-    pixel_mask[1, 96:] = False
-    pixel_mask[1, :, 128:] = False
-    pixel_values[1] *= pixel_mask[1]
-    labels = [
-        {
-            "boxes": torch.tensor([[10.0, 12.0, 90.0, 100.0], [100.0, 20.0, 150.0, 60.0]]),
-            "class_labels": torch.tensor([1, 2]),
-        },
-        {"boxes": torch.tensor([[20.0, 30.0, 80.0, 90.0]]), "class_labels": torch.tensor([0])},
-    ]
-    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels}
+    return dict(random_images(seed), labels=LABELS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -165,18 +151,6 @@ def test_forward_losses_and_outputs():
     assert all_empty.loss_dict["loss_bbox"] == 0 and all_empty.loss_dict["loss_cls"] > 0
 
 
-def test_save_and_load(tmp_path):
-    torch.manual_seed(0)
-    model = RetinaNetForObjectDetection(tiny_config()).eval()
-    model.save_pretrained(tmp_path)
-    loaded = RetinaNetForObjectDetection.from_pretrained(tmp_path).eval()
-    batch = random_batch()
-    with torch.no_grad():
-        expected, actual = model(batch["pixel_values"]), loaded(batch["pixel_values"])
-    for name in ("logits", "bbox_regression", "pred_boxes", "priors"):
-        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), atol=0, rtol=0)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Distillation: a CrossKD training step with a RetinaNet teacher
 # ---------------------------------------------------------------------------------------------------------------------
@@ -227,109 +201,3 @@ def test_distiller_rejects_a_teacher_with_other_anchors_or_box_coding(teacher_kw
     teacher = RetinaNetForObjectDetection(tiny_config(**teacher_kwargs))
     with pytest.raises(ValueError, match=message):
         DetectionDistiller(student, teacher, DistillationConfig.from_method("crosskd", "retinanet"))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Training: a small RetinaNet overfits a few coco128 photos on CPU
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def coco_map50(ground_truth: list[dict], detections: list[dict], num_classes: int) -> float:
-    """pycocotools mAP@0.5 of `detections` (`image_id`, `category_id`, xywh `bbox`, `score`)."""
-    dataset = {
-        "images": [{"id": image_id} for image_id in sorted({a["image_id"] for a in ground_truth})],
-        "categories": [{"id": index} for index in range(num_classes)],
-        "annotations": [dict(annotation, id=index + 1) for index, annotation in enumerate(ground_truth)],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = dataset
-        coco.createIndex()
-        evaluator = COCOeval(coco, coco.loadRes(detections), "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return float(evaluator.stats[1])
-
-
-@pytest.fixture(scope="module")
-def overfit(coco128_dir):
-    """Trains a resnet18 RetinaNet (random init, FPN/head width 64) for 40 AdamW steps (lr 1e-3) on 4 coco128 photos
-    resized to fit 256x192, then detects on them (boxes in the original photos' pixels).
-
-    The head convs start from N(0, 0.05) instead of MMDetection's N(0, 0.01), about He's std for a 3x3 conv of 64
-    channels: RetinaNet's towers have no norm, so with 0.01 their output is ~1e-3 of their input and Adam's steps
-    (the same size for every weight) grow them by large factors within a few steps; the classification loss then
-    spikes (x10) and the run reaches only mAP@0.5 ~0.6. MMDetection's init suits a pretrained backbone and SGD.
-    """
-    coco = json.loads((coco128_dir / "annotations.json").read_text())
-    images_by_id = {image["id"]: image for image in coco["images"]}
-    annotations = [a for a in coco["annotations"] if a["image_id"] in OVERFIT_IMAGE_IDS and not a["iscrowd"]]
-    category_ids = sorted({a["category_id"] for a in annotations})
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    to_label = {category_id: index for index, category_id in enumerate(category_ids)}
-    annotations = [dict(a, category_id=to_label[a["category_id"]]) for a in annotations]
-    images = [
-        Image.open(coco128_dir / "images" / images_by_id[image_id]["file_name"]).convert("RGB")
-        for image_id in OVERFIT_IMAGE_IDS
-    ]
-    processor = RetinaNetImageProcessor(size={"shortest_edge": 192, "longest_edge": 256})
-    batch = processor(
-        images=images,
-        annotations=[
-            {"image_id": image_id, "annotations": [a for a in annotations if a["image_id"] == image_id]}
-            for image_id in OVERFIT_IMAGE_IDS
-        ],
-        return_tensors="pt",
-    )
-    config = RetinaNetConfig(
-        backbone="resnet18",
-        fpn_channels=64,
-        head_channels=64,
-        id2label={index: names[category_id] for index, category_id in enumerate(category_ids)},
-        backbone_frozen_stages=-1,  # no pretrained weights offline: train everything, BatchNorm included
-        freeze_backbone_norm=False,
-        initializer_range=0.05,  # see the docstring
-    )
-    torch.manual_seed(0)
-    model = RetinaNetForObjectDetection(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    losses, start = [], time.perf_counter()
-    for _ in range(OVERFIT_STEPS):
-        outputs = model(batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
-        optimizer.zero_grad()
-        outputs.loss.backward()
-        optimizer.step()
-        losses.append([outputs.loss_dict[name].item() for name in LOSS_NAMES])
-    train_seconds = time.perf_counter() - start
-    model.eval()
-    with torch.no_grad():
-        outputs = model(batch["pixel_values"], pixel_mask=batch["pixel_mask"])
-    original_sizes = [(image.height, image.width) for image in images]
-    results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=original_sizes)
-    return {
-        "model": model,
-        "annotations": annotations,
-        "results": results,
-        "losses": torch.tensor(losses),
-        "train_seconds": train_seconds,
-    }
-
-
-def test_training_overfits_real_photos(overfit):
-    losses = overfit["losses"]  # (steps, 2): loss_cls, loss_bbox
-    assert torch.isfinite(losses).all()
-    windows = losses.view(-1, 10, len(LOSS_NAMES)).mean(1)  # mean of each 10 steps
-    total = windows.sum(-1)
-    assert (total[1:] < total[:-1]).all(), windows
-    assert (windows[-1] < 0.25 * windows[0]).all(), windows  # the focal and L1 losses both fall towards 0
-    detections = [
-        {"image_id": image_id, "category_id": label, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
-        for image_id, result in zip(OVERFIT_IMAGE_IDS, overfit["results"])
-        for (x1, y1, x2, y2), score, label in zip(
-            result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist()
-        )
-    ]
-    num_classes = overfit["model"].config.num_labels
-    map50 = coco_map50(overfit["annotations"], detections, num_classes)
-    assert map50 > 0.9, f"mAP@0.5 {map50:.3f} after {OVERFIT_STEPS} steps ({overfit['train_seconds']:.0f} s)"
