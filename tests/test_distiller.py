@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_kd import DetectionDistiller, DistillationConfig, GFLConfig, GFLForObjectDetection
 from hf_kd.distill import DistillationArguments, DistillationTrainer
+from hf_kd.distill.losses import align_to, channel_statistics, standardize
 
 LABELS = [
     {
@@ -175,3 +176,20 @@ def test_import_hf_kd_leaves_data_and_metrics_libraries_out():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["[]", "True"], result.stdout
+
+
+def test_channel_statistics_of_constant_channels_have_finite_gradients():
+    """A dead (all-zero) channel of a tower state, or one value per channel: std 0 and a gradient of 0, not NaN, as
+    `Tensor.std`'s; the statistics equal torch's."""
+    features = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(0))
+    features[:, 3] = 0.0
+    features.requires_grad_(True)
+    reference = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(1))
+    (align_to(features, reference).square().sum() + standardize(features).sum()).backward()
+    assert torch.isfinite(features.grad).all() and features.grad[:, 3].abs().sum() == 0
+    mean, std = channel_statistics(reference)
+    torch.testing.assert_close(std.flatten(), reference.transpose(0, 1).flatten(1).std(dim=1))
+    torch.testing.assert_close(mean.flatten(), reference.mean(dim=(0, 2, 3)))
+    single = torch.randn(1, 8, 1, 1, requires_grad=True)
+    align_to(single, reference).sum().backward()
+    assert torch.isfinite(single.grad).all()

@@ -13,13 +13,16 @@ IOU_LOSSES = {"iou": giou_loss, "log_iou": log_iou_loss}
 
 
 def channel_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and unbiased std over batch and positions, `(1, C, 1, 1)` each, in float32; std 0 (not NaN)
-    where a channel has one value (batch 1 on a 1x1 level). The std's backward is 0 (not NaN) on constant channels."""
+    """Per-channel mean and unbiased std over batch and positions, `(1, C, 1, 1)` each, in float32 (two passes: the
+    mean, then the centred squares; on CPU several times faster than `torch.std_mean` over these dimensions). The std
+    is 0, and its gradient 0 (not NaN), where a channel is constant or has a single value (batch 1 on a 1x1 level)."""
     features = features.float()
-    if features.numel() == features.shape[1]:
-        return features.mean(dim=(0, 2, 3), keepdim=True), features.new_zeros(1, features.shape[1], 1, 1)
-    std, mean = torch.std_mean(features, dim=(0, 2, 3), keepdim=True)
-    return mean, std
+    count = features.numel() // features.shape[1]
+    mean = features.mean(dim=(0, 2, 3), keepdim=True)
+    if count == 1:
+        return mean, torch.zeros_like(mean)
+    variance = (features - mean).pow(2).sum(dim=(0, 2, 3), keepdim=True) / (count - 1)
+    return mean, variance.clamp(min=torch.finfo(torch.float32).tiny).sqrt() * (variance > 0)
 
 
 def standardize(features: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -28,10 +31,13 @@ def standardize(features: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (features.float() - mean) / (std + eps)
 
 
-def align_to(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """`features` re-standardised per channel to the mean and (unbiased) std of `reference` (CrossKD), in float32."""
-    mean, std = channel_statistics(reference)
-    return standardize(features) * std + mean
+def align_to(features: torch.Tensor, reference: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """`features` re-standardised per channel to the mean and (unbiased) std of `reference` (CrossKD), in float32:
+    `(features - mean) / (std + eps) * reference_std + reference_mean`, as one affine map per channel."""
+    mean, std = channel_statistics(features)
+    reference_mean, reference_std = channel_statistics(reference)
+    scale = reference_std / (std + eps)
+    return torch.addcmul(reference_mean - mean * scale, features.float(), scale)
 
 
 def classification_kd(
