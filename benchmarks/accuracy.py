@@ -1,10 +1,11 @@
 """Accuracy benchmark: does a distilled student beat the same student trained alone?
 
-On BCCD (blood cells, 3 classes; train / val / test) a GFL teacher with an ImageNet-pretrained EfficientNet-Lite2
-backbone is trained once; then the student (EfficientNet-Lite0 backbone, narrower FPN/head) is trained with each
-method (`none`, `crosskd`, `crosskd+pkd`, `bckd`) with the same schedule and seeds. The same is done on the synthetic
-dataset (`hf_kd.data.synthetic`, 160 px). Every run is an `examples/run_distill.py` process, as a user's would be;
-`--jobs` of them run at a time.
+On BCCD (blood cells, 3 classes; train / val / test) a teacher with an ImageNet-pretrained EfficientNet-Lite2
+backbone is trained once per detector family (`--families`: GFL by default; RetinaNet, FCOS, ATSS); then the student
+of that family (EfficientNet-Lite0 backbone, narrower FPN/head) is trained with each method (`none`, `crosskd`,
+`crosskd+pkd`, `bckd`) with the same schedule and seeds. The same is done on the synthetic dataset
+(`hf_kd.data.synthetic`, 160 px). Every run is an `examples/run_distill.py` process, as a user's would be; `--jobs`
+of them run at a time.
 
 Prints and writes (`--output_dir`): a Markdown table of the 12 COCO numbers on val and test (mean and std over the
 seeds) per method and dataset, `results.json`, and `accuracy.png` (AP per method with error bars; val AP over
@@ -13,8 +14,9 @@ training steps) when matplotlib is installed; logs to TensorBoard when it is ins
     pip install -e ".[bench]"
     python benchmarks/accuracy.py --preset cpu-mini --output_dir outputs/accuracy   # 2-core CPU, about an hour
     python benchmarks/accuracy.py --preset gpu-full --output_dir outputs/accuracy   # one H100, under 9 minutes
+    python benchmarks/accuracy.py --families retinanet atss --datasets bccd --methods crosskd  # other families
 
-A teacher already in `--output_dir` is reused.
+A finished run (teacher or student) already in `--output_dir` is reused.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 
 from hf_kd.data.synthetic import generate_synthetic_coco
 from hf_kd.metrics import COCO_STAT_NAMES
+from hf_kd.models.detection import FAMILIES
 
 METHODS = ("none", "crosskd", "crosskd+pkd", "bckd")
 RUN_DISTILL = Path(__file__).resolve().parents[1] / "examples" / "run_distill.py"
@@ -170,6 +173,11 @@ def backbone_arguments(backbone: str, width: int, weights: str | None) -> list[s
 
         arguments += ["--backbone_checkpoint", str(efficientnet_lite_checkpoint(weights, features_only=True))]
     return arguments
+
+
+def run_folder(setup: Setup, family: str) -> str:
+    """The folder of a dataset's and family's runs in the output folder (GFL's: the dataset's name)."""
+    return setup.name if family == "gfl" else f"{setup.name}_{family}"
 
 
 def dataset_dir(setup: Setup, preset: Preset, output_dir: Path) -> Path:
@@ -313,6 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-mini")
     parser.add_argument("--output_dir", default="outputs/accuracy")
     parser.add_argument("--datasets", nargs="+", default=None, help="subset of the preset's datasets")
+    parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=["gfl"], help="detector families")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="subset (with none)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="instead of the preset's seeds")
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time instead of the preset's")
@@ -332,21 +341,33 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         device = torch.cuda.get_device_name()
     data_dirs = {setup.name: dataset_dir(setup, preset, output_dir) for setup in setups}
+    experiments = {  # results name -> (setup, family, its folder)
+        setup.name if family == "gfl" else f"{setup.name} ({family})": (
+            setup,
+            family,
+            output_dir / run_folder(setup, family),
+        )
+        for setup in setups
+        for family in args.families
+    }
     teacher_runs, baselines, students = [], [], []
-    for setup in setups:
-        teacher_dir = output_dir / setup.name / "teacher"
+    for setup, family, root in experiments.values():
+        teacher_dir = root / "teacher"
         train_teacher = not (teacher_dir / "model.safetensors").is_file()
         if train_teacher:
             arguments = backbone_arguments(setup.teacher_backbone, setup.teacher_width, setup.teacher_weights)
             arguments += run_arguments(
                 setup, data_dirs[setup.name], teacher_dir, setup.teacher_steps, setup.teacher_steps, 0, preset
             )
-            teacher_runs.append(Run(teacher_dir, ["--kd_method", "none", *arguments]))
+            teacher_runs.append(
+                Run(teacher_dir, ["--kd_method", "none", "--student_architecture", family, *arguments])
+            )
         for method, seed in itertools.product(methods, seeds):
-            run_dir = output_dir / setup.name / f"{method}_seed{seed}"
+            run_dir = root / f"{method}_seed{seed}"
             if (run_dir / "all_results.json").is_file():
                 continue
-            arguments = backbone_arguments(setup.student_backbone, setup.student_width, setup.student_weights)
+            arguments = ["--student_architecture", family]
+            arguments += backbone_arguments(setup.student_backbone, setup.student_width, setup.student_weights)
             arguments += run_arguments(
                 setup, data_dirs[setup.name], run_dir, setup.student_steps, setup.student_eval_every, seed, preset
             )
@@ -359,13 +380,13 @@ def main(argv: list[str] | None = None) -> dict:
     launch(teacher_runs + baselines + students, jobs, start)
 
     results, teachers = {}, {}
-    for setup in setups:
-        teachers[setup.name] = read_run(output_dir / setup.name / "teacher")
-        results[setup.name] = {}
+    for name, (_, _, root) in experiments.items():
+        teachers[name] = read_run(root / "teacher")
+        results[name] = {}
         for method in methods:
-            runs = [read_run(output_dir / setup.name / f"{method}_seed{seed}") for seed in seeds]
+            runs = [read_run(root / f"{method}_seed{seed}") for seed in seeds]
             summary = {"val": summarize(runs, "val"), "test": summarize(runs, "test") if runs[0]["test"] else None}
-            results[setup.name][method] = {"runs": runs, "summary": summary}
+            results[name][method] = {"runs": runs, "summary": summary}
 
     table = markdown(results, teachers, args.preset, device)
     trained = len(teacher_runs + baselines + students)

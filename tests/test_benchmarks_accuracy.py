@@ -24,3 +24,17 @@ def test_accuracy_benchmark_smoke(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| crosskd+pkd |" in table and "ΔAP vs none" in table
     assert json.loads((tmp_path / "results.json").read_text())["students"]["synthetic"]["bckd"]["runs"]
+
+
+def test_accuracy_benchmark_other_families(tmp_path):
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark_families", BENCHMARK)
+    accuracy = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = accuracy
+    spec.loader.exec_module(accuracy)
+    argv = ["--preset", "smoke", "--output_dir", str(tmp_path), "--families", "retinanet", "--methods", "crosskd"]
+    results = accuracy.main(argv)
+    assert set(results) == {"synthetic (retinanet)"}
+    assert set(results["synthetic (retinanet)"]) == {"none", "crosskd"}
+    config = json.loads((tmp_path / "synthetic_retinanet" / "crosskd_seed0" / "config.json").read_text())
+    assert config["model_type"] == "retinanet"
+    assert "synthetic (retinanet)" in (tmp_path / "results.md").read_text()
