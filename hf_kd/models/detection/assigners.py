@@ -28,6 +28,15 @@ class DenseTargets:
     centerness: torch.Tensor | None = None  # (B, Q) centre-ness targets (FCOS, ATSS), 0 off the positives
 
 
+def assigned_classes_and_boxes(
+    ground_truth: GroundTruth, assigned: torch.Tensor, positive: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class `(B, Q)` of every prior (`num_classes` for background) and the box `(B, Q, 4)` of its assigned
+    ground truth (of box 0 or of a padding slot where it is not positive)."""
+    classes = torch.where(positive, ground_truth.classes.gather(1, assigned), num_classes)
+    return classes, ground_truth.boxes.gather(1, assigned[..., None].expand(-1, -1, 4))
+
+
 def atss_assign(
     anchors: torch.Tensor, level_sizes: list[int], valid: torch.Tensor, ground_truth: GroundTruth, topk: int = 9
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,4 +130,4 @@ def fcos_assign(
     return assigned, min_areas != INF
 
 
-__all__ = ["DenseTargets", "atss_assign", "fcos_assign", "max_iou_assign"]
+__all__ = ["DenseTargets", "assigned_classes_and_boxes", "atss_assign", "fcos_assign", "max_iou_assign"]

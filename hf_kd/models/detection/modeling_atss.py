@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .assigners import DenseTargets, atss_assign
+from .assigners import DenseTargets, assigned_classes_and_boxes, atss_assign
 from .box_ops import DeltaBoxCoder, box_centers, box_to_distance, centerness
 from .configuration_atss import ATSSConfig
 from .ground_truth import GroundTruth
 from .heads import DenseHead, Scale
 from .losses import EPS32, giou_loss, one_hot, reduce_mean, sigmoid_focal_loss
-from .modeling_dense import DenseDetectionOutput, DenseDetectorPreTrainedModel
+from .modeling_dense import DenseDetectionOutput, DenseDetectorPreTrainedModel, DenseLoss
 from .priors import grid_anchors, level_sizes
 
 
@@ -37,12 +37,9 @@ class ATSSHead(DenseHead):
         return self.atss_cls(cls_hidden), box_deltas, self.atss_centerness(reg_hidden)
 
 
-class ATSSLoss:
+class ATSSLoss(DenseLoss):
     """ATSS's training targets and losses: focal loss over all valid anchors; on the positives, the GIoU loss of the
     decoded boxes weighted by their centre-ness targets, and the centre-ness BCE."""
-
-    def __init__(self, config: ATSSConfig):
-        self.config = config
 
     def targets(self, outputs: DenseDetectionOutput, ground_truth: GroundTruth) -> DenseTargets:
         """ATSS targets; the box target of a positive is its ground-truth box in pixels (the anchor elsewhere), its
@@ -51,8 +48,7 @@ class ATSSLoss:
         assigned, positive = atss_assign(
             outputs.priors, sizes, outputs.valid_mask, ground_truth, self.config.atss_topk
         )
-        labels = torch.where(positive, ground_truth.classes.gather(1, assigned), self.config.num_labels)
-        boxes = ground_truth.boxes.gather(1, assigned[..., None].expand(-1, -1, 4))
+        labels, boxes = assigned_classes_and_boxes(ground_truth, assigned, positive, self.config.num_labels)
         box_targets = torch.where(positive[..., None], boxes, outputs.priors)
         centerness_targets = centerness(box_to_distance(box_centers(outputs.priors), box_targets))
         avg_factor = reduce_mean(positive.sum(1).clamp(min=1).sum().float())
@@ -88,14 +84,6 @@ class ATSSLoss:
         )
         loss_centerness = config.loss_centerness_weight * torch.where(positive, bce, 0) / (targets.avg_factor + EPS32)
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_centerness": loss_centerness}
-
-    def __call__(
-        self, outputs: DenseDetectionOutput, ground_truth: GroundTruth
-    ) -> tuple[dict[str, torch.Tensor], DenseTargets]:
-        """The losses (scalars) and the targets they were computed from."""
-        targets = self.targets(outputs, ground_truth)
-        maps = self.loss_maps(outputs, targets)
-        return {name: value.sum() for name, value in maps.items()}, targets
 
 
 class ATSSPreTrainedModel(DenseDetectorPreTrainedModel):

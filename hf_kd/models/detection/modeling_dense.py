@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .assigners import DenseTargets
 from .backbone import (
     backbone_features,
     create_backbone,
@@ -58,6 +59,28 @@ class DenseDetectionOutput(ModelOutput):
     valid_mask: torch.BoolTensor | None = None
     image_sizes: torch.LongTensor | None = None
     feature_maps: tuple[torch.FloatTensor, ...] | None = None
+
+
+class DenseLoss:
+    """A family's training targets and losses: `targets` (its assignment rules) and `loss_maps` (per-prior `(B, Q)`
+    maps whose sums are the losses, each already weighted), which subclasses implement; calling it gives both."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def targets(self, outputs: DenseDetectionOutput, ground_truth: GroundTruth) -> DenseTargets:
+        raise NotImplementedError
+
+    def loss_maps(self, outputs: DenseDetectionOutput, targets: DenseTargets, **kwargs) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(
+        self, outputs: DenseDetectionOutput, ground_truth: GroundTruth, **loss_kwargs
+    ) -> tuple[dict[str, torch.Tensor], DenseTargets]:
+        """The losses (scalars) and the targets they were computed from."""
+        targets = self.targets(outputs, ground_truth)
+        maps = self.loss_maps(outputs, targets, **loss_kwargs)
+        return {name: value.sum() for name, value in maps.items()}, targets
 
 
 class DenseDetectorPreTrainedModel(PreTrainedModel):
@@ -247,4 +270,4 @@ class DenseDetectorPreTrainedModel(PreTrainedModel):
         return outputs if return_dict else outputs.to_tuple()
 
 
-__all__ = ["DenseDetectionOutput", "DenseDetectorPreTrainedModel"]
+__all__ = ["DenseDetectionOutput", "DenseDetectorPreTrainedModel", "DenseLoss"]

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .assigners import DenseTargets, fcos_assign
+from .assigners import DenseTargets, assigned_classes_and_boxes, fcos_assign
 from .box_ops import box_to_distance, centerness, distance_to_box
 from .configuration_fcos import FCOSConfig
 from .ground_truth import GroundTruth
 from .heads import DenseHead, Scale
 from .losses import EPS32, log_iou_loss, one_hot, reduce_mean, sigmoid_focal_loss
-from .modeling_dense import DenseDetectionOutput, DenseDetectorPreTrainedModel
+from .modeling_dense import DenseDetectionOutput, DenseDetectorPreTrainedModel, DenseLoss
 from .priors import grid_points, level_sizes
 
 
@@ -38,13 +38,10 @@ class FCOSHead(DenseHead):
         return self.conv_cls(cls_hidden), distances, self.conv_centerness(cls_hidden)
 
 
-class FCOSLoss:
+class FCOSLoss(DenseLoss):
     """FCOS's training targets (scale ranges) and losses, each one scalar over all levels: focal loss over all points;
     `-log IoU` of the decoded boxes on the positives, weighted by their centre-ness targets; centre-ness binary
     cross-entropy on the positives."""
-
-    def __init__(self, config: FCOSConfig):
-        self.config = config
 
     def targets(self, outputs: DenseDetectionOutput, ground_truth: GroundTruth) -> DenseTargets:
         """FCOS targets over every point of the padded batch (no valid flags); the box target is the distances
@@ -52,8 +49,7 @@ class FCOSLoss:
         points = outputs.priors
         sizes = level_sizes(outputs.feature_maps, len(points))
         assigned, positive = fcos_assign(points, sizes, self.config.regress_ranges, ground_truth)
-        labels = torch.where(positive, ground_truth.classes.gather(1, assigned), self.config.num_labels)
-        boxes = ground_truth.boxes.gather(1, assigned[..., None].expand(-1, -1, 4))
+        labels, boxes = assigned_classes_and_boxes(ground_truth, assigned, positive, self.config.num_labels)
         distances = box_to_distance(points, boxes)
         centerness_targets = torch.where(positive, centerness(distances), 0)
         num_positive = reduce_mean(positive.sum().float()).clamp(min=1)
@@ -93,14 +89,6 @@ class FCOSLoss:
             "loss_bbox": config.loss_bbox_weight * loss_bbox,
             "loss_centerness": config.loss_centerness_weight * loss_centerness,
         }
-
-    def __call__(
-        self, outputs: DenseDetectionOutput, ground_truth: GroundTruth
-    ) -> tuple[dict[str, torch.Tensor], DenseTargets]:
-        """The losses (scalars) and the targets they were computed from."""
-        targets = self.targets(outputs, ground_truth)
-        maps = self.loss_maps(outputs, targets)
-        return {name: value.sum() for name, value in maps.items()}, targets
 
 
 class FCOSPreTrainedModel(DenseDetectorPreTrainedModel):

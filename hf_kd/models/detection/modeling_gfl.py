@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .assigners import DenseTargets, atss_assign
+from .assigners import DenseTargets, assigned_classes_and_boxes, atss_assign
 from .box_ops import box_centers, box_iou, box_to_distance, distance_to_box, distribution_to_distance
 from .configuration_gfl import GFLConfig
 from .ground_truth import GroundTruth
 from .heads import DenseHead, Scale
 from .losses import EPS32, distribution_focal_loss, giou_loss, one_hot, quality_focal_loss, reduce_mean
-from .modeling_dense import DenseDetectionOutput, DenseDetectorPreTrainedModel
+from .modeling_dense import DenseDetectionOutput, DenseDetectorPreTrainedModel, DenseLoss
 from .priors import grid_anchors, level_sizes, per_level
 
 
@@ -33,12 +33,9 @@ class GFLHead(DenseHead):
         return self.gfl_cls(cls_hidden), self.scales[level](self.gfl_reg(reg_hidden)).float()
 
 
-class GFLLoss:
+class GFLLoss(DenseLoss):
     """GFL's training targets (ATSS) and losses: quality focal loss over all valid anchors; GIoU and distribution
     focal loss on the positives, weighted by their detached best class score. Boxes in units of the stride."""
-
-    def __init__(self, config: GFLConfig):
-        self.config = config
 
     def targets(self, outputs: DenseDetectionOutput, ground_truth: GroundTruth) -> DenseTargets:
         """ATSS targets; the box target of a positive is its ground-truth box in pixels (the anchor elsewhere)."""
@@ -46,8 +43,7 @@ class GFLLoss:
         assigned, positive = atss_assign(
             outputs.priors, sizes, outputs.valid_mask, ground_truth, self.config.atss_topk
         )
-        labels = torch.where(positive, ground_truth.classes.gather(1, assigned), self.config.num_labels)
-        boxes = ground_truth.boxes.gather(1, assigned[..., None].expand(-1, -1, 4))
+        labels, boxes = assigned_classes_and_boxes(ground_truth, assigned, positive, self.config.num_labels)
         avg_factor = reduce_mean(positive.sum(1).clamp(min=1).sum().float())
         return DenseTargets(
             labels=labels,
@@ -98,14 +94,6 @@ class GFLLoss:
             "loss_bbox": config.loss_bbox_weight * loss_bbox,
             "loss_dfl": config.loss_dfl_weight * loss_dfl,
         }
-
-    def __call__(
-        self, outputs: DenseDetectionOutput, ground_truth: GroundTruth, **loss_kwargs
-    ) -> tuple[dict[str, torch.Tensor], DenseTargets]:
-        """The losses (scalars) and the targets they were computed from."""
-        targets = self.targets(outputs, ground_truth)
-        maps = self.loss_maps(outputs, targets, **loss_kwargs)
-        return {name: value.sum() for name, value in maps.items()}, targets
 
 
 class GFLPreTrainedModel(DenseDetectorPreTrainedModel):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .assigners import DenseTargets, max_iou_assign
+from .assigners import DenseTargets, assigned_classes_and_boxes, max_iou_assign
 from .box_ops import DeltaBoxCoder
 from .configuration_retinanet import RetinaNetConfig
 from .ground_truth import GroundTruth
 from .heads import DenseHead
 from .losses import EPS32, one_hot, sigmoid_focal_loss
-from .modeling_dense import DenseDetectionOutput, DenseDetectorPreTrainedModel
+from .modeling_dense import DenseDetectionOutput, DenseDetectorPreTrainedModel, DenseLoss
 from .priors import grid_anchors
 
 
@@ -33,12 +33,12 @@ class RetinaNetHead(DenseHead):
         return self.retina_cls(cls_hidden), self.retina_reg(reg_hidden)
 
 
-class RetinaNetLoss:
+class RetinaNetLoss(DenseLoss):
     """RetinaNet's training targets (MaxIoU) and losses: focal loss over the positive and negative anchors, L1 loss
     on the box deltas of the positives, both divided by the number of positives (at least 1 per image)."""
 
     def __init__(self, config: RetinaNetConfig):
-        self.config = config
+        super().__init__(config)
         self.box_coder = DeltaBoxCoder(config.box_coder_stds)
 
     def targets(self, outputs: DenseDetectionOutput, ground_truth: GroundTruth) -> DenseTargets:
@@ -53,8 +53,7 @@ class RetinaNetLoss:
             config.neg_iou_threshold,
             config.min_pos_iou,
         )
-        labels = torch.where(positive, ground_truth.classes.gather(1, assigned), config.num_labels)
-        boxes = ground_truth.boxes.gather(1, assigned[..., None].expand(-1, -1, 4))
+        labels, boxes = assigned_classes_and_boxes(ground_truth, assigned, positive, config.num_labels)
         deltas = self.box_coder.encode(outputs.priors, boxes)
         avg_factor = positive.sum(1).clamp(min=1).sum().float()
         return DenseTargets(
@@ -75,14 +74,6 @@ class RetinaNetLoss:
         l1 = (outputs.bbox_regression.float() - targets.box_targets).abs().sum(-1)
         loss_bbox = torch.where(targets.positive, l1, 0) / (targets.avg_factor + EPS32)
         return {"loss_cls": config.loss_cls_weight * loss_cls, "loss_bbox": config.loss_bbox_weight * loss_bbox}
-
-    def __call__(
-        self, outputs: DenseDetectionOutput, ground_truth: GroundTruth
-    ) -> tuple[dict[str, torch.Tensor], DenseTargets]:
-        """The losses (scalars) and the targets they were computed from."""
-        targets = self.targets(outputs, ground_truth)
-        maps = self.loss_maps(outputs, targets)
-        return {name: value.sum() for name, value in maps.items()}, targets
 
 
 class RetinaNetPreTrainedModel(DenseDetectorPreTrainedModel):
