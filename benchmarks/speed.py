@@ -255,7 +255,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
 
 def train_step(student, teacher, method: str, batch: dict, workdir: str, setting: Setting, args) -> Callable[[], None]:
     """One optimizer step as `DistillationTrainer` trains (method `none`: the student alone): the distiller and an SGD
-    optimizer (the papers' lr 0.01, momentum 0.9, weight decay 1e-4) prepared by the trainer's accelerator (autocast
+    optimizer (momentum 0.9, weight decay 1e-4; lr 1e-4, small, so that steps repeated on one batch from random
+    weights, without the papers' warm-up, stay finite: FCOS's exp box output overflows at lr 0.01 within a few steps;
+    the lr does not change the cost) prepared by the trainer's accelerator (autocast
     to the setting's dtype with float32 outputs, fp16 gradient scaling), `compute_loss`, `accelerator.backward`, the
     trainer's one check of the step's labels and losses, the step. Left out: the Trainer's own NaN filter of the
     logged loss, which waits for the device after the step as the check does."""
@@ -275,7 +277,7 @@ def train_step(student, teacher, method: str, batch: dict, workdir: str, setting
     accelerator = trainer.accelerator
     distiller = accelerator.prepare_model(trainer.model)
     parameters = [parameter for parameter in distiller.parameters() if parameter.requires_grad]  # incl. adapters
-    optimizer = accelerator.prepare_optimizer(torch.optim.SGD(parameters, lr=0.01, momentum=0.9, weight_decay=1e-4))
+    optimizer = accelerator.prepare_optimizer(torch.optim.SGD(parameters, lr=1e-4, momentum=0.9, weight_decay=1e-4))
     distiller.train()
 
     def step() -> None:
