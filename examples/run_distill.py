@@ -19,13 +19,16 @@ import json
 import logging
 import math
 import os
+import shutil
+import signal
 import sys
 from dataclasses import dataclass, field
 
 import datasets
 import transformers
 from transformers import AutoModelForObjectDetection, HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_kd import DenseDetectorPreTrainedModel
 from hf_kd.data import (
@@ -39,7 +42,7 @@ from hf_kd.data import (
     load_prepared_coco_detection,
     prepare_coco_detection,
 )
-from hf_kd.distill import DistillationArguments, DistillationTrainer
+from hf_kd.distill import DistillationArguments, DistillationTrainer, find_resumable_checkpoint
 from hf_kd.metrics import build_coco_ground_truth, coco_compute_metrics
 from hf_kd.models.detection import FAMILIES
 
@@ -82,6 +85,13 @@ class ModelArguments:
     )
     backbone_frozen_stages: int = field(default=1, metadata={"help": "Frozen stem + first N stages (-1: none)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code for Hub models."})
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={
+            "help": "--model_name_or_path with other classes than the dataset's: take the dataset's classes and "
+            "start the classifier afresh (transformers' ignore_mismatched_sizes)."
+        },
+    )
 
 
 @dataclass
@@ -185,8 +195,23 @@ def build_student(
     `student_architecture`) with the teacher's widths by default, and always the teacher's prediction settings (classes,
     strides, anchors, box coding), which distillation needs to be equal."""
     if model_args.model_name_or_path is not None:
+        if not model_args.ignore_mismatched_sizes:
+            student = AutoModelForObjectDetection.from_pretrained(
+                model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+            )
+            if student.config.id2label != id2label:
+                raise ValueError(
+                    f"The student's classes {student.config.id2label} (--model_name_or_path) differ from the "
+                    f"dataset's {id2label}: pass --ignore_mismatched_sizes to take the dataset's and start the "
+                    "classifier afresh."
+                )
+            return student
         return AutoModelForObjectDetection.from_pretrained(
-            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+            model_args.model_name_or_path,
+            trust_remote_code=model_args.trust_remote_code,
+            id2label=id2label,
+            label2id={name: index for index, name in id2label.items()},
+            ignore_mismatched_sizes=True,
         )
     family = model_args.student_architecture or (teacher.config.model_type if teacher is not None else "gfl")
     if teacher is not None and family != teacher.config.model_type:
@@ -214,6 +239,18 @@ def build_student(
     if model_args.backbone_checkpoint or model_args.pretrained_backbone:
         return model_class.from_pretrained_backbone(config, model_args.backbone_checkpoint)
     return model_class(config)
+
+
+def remove_checkpoints(output_dir: str) -> None:
+    """Removes the `checkpoint-N` folders a Trainer wrote to `output_dir` (they hold its trainer state), and nothing
+    else, so that a run starts afresh."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+            logger.warning("--overwrite_output_dir: removing %s", path)
+            shutil.rmtree(path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -273,10 +310,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
 
     checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and os.path.isdir(training_args.output_dir):
-        checkpoint = get_last_checkpoint(training_args.output_dir)  # resume an interrupted run
+    if training_args.overwrite_output_dir:
+        remove_checkpoints(training_args.output_dir)
+    elif checkpoint is None:
+        checkpoint = find_resumable_checkpoint(training_args.output_dir)  # resume an interrupted run
     configure_training_process_memory()  # gc.freeze() and Arrow's system allocator, for the forked workers
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.stopped_by_signal:
+        logger.warning(
+            "Stopped by SIGTERM at step %d; the checkpoint is in %s: run the same command again to resume.",
+            trainer.state.global_step,
+            training_args.output_dir,
+        )
+        sys.exit(128 + signal.SIGTERM)
     trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)

@@ -64,6 +64,7 @@ KD_LOSSES = {
 }
 ALL_KD_LOSSES = set().union(*KD_LOSSES.values())
 HUB_MODEL_ID = "user/name"
+HUB_TOKEN = "hf_SecretTokenThatMustNotLeave0123456789"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -82,6 +83,17 @@ class _KillAfterSave(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class _TerminateAtStep(TrainerCallback):
+    """Sends this process SIGTERM at the end of optimizer step `step`, as a cluster scheduler would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class RecordingTrainer(DistillationTrainer):
     """A `DistillationTrainer` that writes, per training micro-batch, the image ids, the collator's augmentation
     epoch and the world size, and per evaluation the image ids `compute_metrics` receives (one jsonl per process);
@@ -89,11 +101,14 @@ class RecordingTrainer(DistillationTrainer):
 
     record_dir: str | None = None
     kill_after_save_step: int | None = None
+    terminate_at_step: int | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.kill_after_save_step is not None:
             self.add_callback(_KillAfterSave(self.kill_after_save_step))
+        if self.terminate_at_step is not None:
+            self.add_callback(_TerminateAtStep(self.terminate_at_step))
         if self.compute_metrics is not None:
             compute_metrics = self.compute_metrics
 
@@ -124,11 +139,14 @@ class RecordingTrainer(DistillationTrainer):
 
 
 def run_distill_recorded(
-    argv: list[str], record_dir: str | os.PathLike | None = None, kill_after_save_step: int | None = None
+    argv: list[str],
+    record_dir: str | os.PathLike | None = None,
+    kill_after_save_step: int | None = None,
+    terminate_at_step: int | None = None,
 ) -> dict[str, float]:
     """`run_distill.main(argv)` with a [`RecordingTrainer`] (also the entry point of the subprocess driver)."""
     attributes = {"record_dir": None if record_dir is None else str(record_dir)}
-    attributes["kill_after_save_step"] = kill_after_save_step
+    attributes.update(kill_after_save_step=kill_after_save_step, terminate_at_step=terminate_at_step)
     trainer_class = type("RecordingTrainerRun", (RecordingTrainer,), attributes)
     with mock.patch.object(run_distill, "DistillationTrainer", trainer_class):
         return run_distill.main(argv)
@@ -142,7 +160,13 @@ sys.path.insert(0, os.environ["HF_KD_TESTS_DIR"])
 from test_trainer import run_distill_recorded
 
 kill = os.environ.get("HF_KD_KILL_AFTER_SAVE_STEP")
-run_distill_recorded(sys.argv[1:], os.environ.get("HF_KD_RECORD_DIR"), int(kill) if kill else None)
+terminate = os.environ.get("HF_KD_TERMINATE_AT_STEP")
+run_distill_recorded(
+    sys.argv[1:],
+    os.environ.get("HF_KD_RECORD_DIR"),
+    int(kill) if kill else None,
+    int(terminate) if terminate else None,
+)
 """
 
 
@@ -343,7 +367,8 @@ def preset_run(coco_dir, teacher_dir, tmp_path_factory):
             if method == "crosskd":
                 hub = FakeHub(tmp_path_factory.mktemp("hub"))
                 with hub.patch():
-                    metrics = run_distill.main(args + ["--push_to_hub", "--hub_model_id", HUB_MODEL_ID])
+                    push = ["--push_to_hub", "--hub_model_id", HUB_MODEL_ID, "--hub_token", HUB_TOKEN]
+                    metrics = run_distill.main(args + push)
             else:
                 metrics = run_distill.main(args)
             runs[method] = (output_dir, metrics, hub)
@@ -634,50 +659,108 @@ def test_two_process_accelerate_launch_matches_one_process_evaluation(coco_dir, 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_killed_run_resumes_to_bit_identical_weights(coco_dir, teacher_dir, student_dir, tmp_path):
+def interruption_args(
+    coco_dir: Path, teacher_dir: Path, student_dir: Path, output_dir: Path, *extra: str
+) -> list[str]:
     """CrossKD with a narrower student (adapters): 4 steps of batch 2 on a 4-image streamed split (epochs of 2
-    steps), with seeded flips, colour jitter and multi-scale; killed right after checkpoint-3 (inside the second
-    epoch), then resumed by run_distill (last checkpoint in output_dir). The resumed run sees the batch and
-    augmentation epoch it missed and ends with bit-identical weights: on CPU, with the same threads, every step is
-    deterministic, so any difference means lost or wrong state (weights, adapters, optimizer, scheduler, RNG, data
-    position)."""
+    steps), with seeded flips, colour jitter and multi-scale."""
+    extra = ["--kd_method", "crosskd", "--teacher_model_name_or_path", str(teacher_dir), *extra]
+    extra += ["--model_name_or_path", str(student_dir), "--train_split", "tiny", "--eval_split", ""]
+    extra += ["--max_steps", "4", "--seed", "7"]
+    extra += ["--flip_prob", "0.5", "--color_jitter", "0.4", "--multi_scale_min", "112"]
+    return base_args(coco_dir, output_dir, *extra)
 
-    def args(output_dir: Path, *extra: str) -> list[str]:
-        extra = ["--kd_method", "crosskd", "--teacher_model_name_or_path", str(teacher_dir), *extra]
-        extra += ["--model_name_or_path", str(student_dir), "--train_split", "tiny", "--eval_split", ""]
-        extra += ["--max_steps", "4", "--seed", "7"]
-        extra += ["--flip_prob", "0.5", "--color_jitter", "0.4", "--multi_scale_min", "112"]
-        return base_args(coco_dir, output_dir, *extra)
 
-    records = {name: tmp_path / f"records_{name}" for name in ("full", "resumed")}
-    for path in records.values():
-        path.mkdir()
-    run_distill_recorded(args(tmp_path / "full", "--save_strategy", "no"), records["full"])
-
-    killed = tmp_path / "killed"
-    command = [sys.executable, str(write_driver(tmp_path)), *args(killed, "--save_steps", "3")]
-    # Same CPU threads as this process: the reduction order of some kernels depends on them.
-    env = subprocess_env(HF_KD_KILL_AFTER_SAVE_STEP="3", OMP_NUM_THREADS=str(torch.get_num_threads()))
-    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == -signal.SIGKILL, result.stderr[-6000:]
-    assert (killed / "checkpoint-3" / "trainer_state.json").is_file()
-    assert not (killed / "model.safetensors").exists() and not (killed / "checkpoint-4").exists()
-
-    run_distill_recorded(args(killed, "--save_steps", "3"), records["resumed"])
-
-    full = read_records(records["full"], "train")
-    resumed = read_records(records["resumed"], "train")
-    assert [(r["step"], r["epoch"]) for r in full] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+@pytest.fixture(scope="module")
+def uninterrupted_run(coco_dir, teacher_dir, student_dir, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The run the interrupted ones must reproduce: its output folder and its training records."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    (root / "records").mkdir()
+    args = interruption_args(coco_dir, teacher_dir, student_dir, root / "out", "--save_strategy", "no")
+    run_distill_recorded(args, root / "records")
+    records = read_records(root / "records", "train")
+    assert [(r["step"], r["epoch"]) for r in records] == [(0, 0), (1, 0), (2, 1), (3, 1)]
     for epoch in range(2):
-        assert sorted(i for r in full if r["epoch"] == epoch for i in r["ids"]) == [1, 2, 3, 4]
-    assert resumed == full[3:], "the resumed run must see the batches (and augmentation epochs) it missed"
+        assert sorted(i for r in records if r["epoch"] == epoch for i in r["ids"]) == [1, 2, 3, 4]
+    return root / "out", records
 
-    expected = load_file(tmp_path / "full" / "model.safetensors")
-    actual = load_file(killed / "model.safetensors")
+
+def assert_same_weights(expected_dir: Path, actual_dir: Path) -> None:
+    expected = load_file(expected_dir / "model.safetensors")
+    actual = load_file(actual_dir / "model.safetensors")
     assert expected.keys() == actual.keys()
     different = [name for name in expected if not torch.equal(expected[name], actual[name])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
-    assert json.loads((killed / "trainer_state.json").read_text())["global_step"] == 4
+    assert json.loads((actual_dir / "trainer_state.json").read_text())["global_step"] == 4
+
+
+@pytest.mark.parametrize("interruption", ["sigkill", "sigterm"])
+def test_interrupted_run_resumes_to_bit_identical_weights(
+    coco_dir, teacher_dir, student_dir, tmp_path, uninterrupted_run, interruption, caplog
+):
+    """Killed (SIGKILL) right after checkpoint-3 and then again while writing checkpoint-4 (a partial folder), or sent
+    SIGTERM after step 2 (it saves checkpoint-3 at the end of step 3, says so and exits with 143); then resumed by
+    run_distill from the newest complete checkpoint. The resumed run sees the batches and augmentation epochs it
+    missed and ends with bit-identical weights: on CPU, with the same threads, every step is deterministic, so any
+    difference means lost or wrong state (weights, adapters, optimizer, scheduler, RNG, data position)."""
+    full_dir, full = uninterrupted_run
+    interrupted = tmp_path / "interrupted"
+    records = tmp_path / "records"
+    records.mkdir()
+    args = interruption_args(coco_dir, teacher_dir, student_dir, interrupted, "--save_steps", "3")
+    command = [sys.executable, str(write_driver(tmp_path)), *args]
+    # Same CPU threads as this process: the reduction order of some kernels depends on them.
+    env = {"HF_KD_KILL_AFTER_SAVE_STEP": "3"} if interruption == "sigkill" else {"HF_KD_TERMINATE_AT_STEP": "2"}
+    env = subprocess_env(**env, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    if interruption == "sigkill":
+        assert result.returncode == -signal.SIGKILL, result.stderr[-6000:]
+        # a second kill while saving checkpoint-4: its weights are written, its trainer state is not
+        shutil.copytree(interrupted / "checkpoint-3", interrupted / "checkpoint-4")
+        (interrupted / "checkpoint-4" / "trainer_state.json").unlink()
+    else:
+        assert result.returncode == 128 + signal.SIGTERM, result.stderr[-6000:]
+        assert "Stopped by SIGTERM at step 3" in result.stderr and "run the same command again" in result.stderr
+    assert (interrupted / "checkpoint-3" / "trainer_state.json").is_file()
+    assert not (interrupted / "model.safetensors").exists()
+
+    with caplog.at_level(logging.WARNING):
+        run_distill_recorded(args, records)
+    assert f"Resuming from {interrupted / 'checkpoint-3'} (step 3)" in caplog.text
+    if interruption == "sigkill":
+        assert "checkpoint-4 is incomplete (no readable trainer_state.json" in caplog.text
+    assert read_records(records, "train") == full[3:], "the resumed run must see the batches it missed"
+    assert_same_weights(full_dir, interrupted)
+
+
+def test_overwrite_output_dir_starts_afresh_and_keeps_other_files(coco_dir, teacher_dir, student_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    args = interruption_args(coco_dir, teacher_dir, student_dir, output_dir, "--save_steps", "2")
+    args[args.index("--max_steps") + 1] = "2"
+    run_distill.main(args)
+    assert (output_dir / "checkpoint-2" / "trainer_state.json").is_file()
+    (output_dir / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="Cannot resume from .*nowhere: no readable trainer_state.json"):
+        run_distill.main(args + ["--resume_from_checkpoint", str(tmp_path / "nowhere")])
+    run_distill.main(args + ["--overwrite_output_dir"])
+    assert [entry["step"] for entry in train_logs(output_dir)] == [1, 2]  # from step 0, not resumed at 2
+    assert (output_dir / "notes.txt").read_text() == "mine"
+
+
+def test_student_with_other_classes_is_an_error_or_reheaded(coco_dir, tmp_path):
+    """A saved student whose classes are not the dataset's: an error before training that names the way out; with
+    --ignore_mismatched_sizes it takes the dataset's classes (a new classifier) and trains."""
+    other = save_detector(tmp_path / "other", width=32, id2label={0: "cat", 1: "dog"})
+    args = base_args(coco_dir, tmp_path / "out", "--kd_method", "none", "--max_steps", "1", "--eval_split", "")
+    args += ["--model_name_or_path", str(other), "--save_strategy", "no"]
+    with (
+        mock.patch.object(DistillationTrainer, "train", side_effect=AssertionError("training started")),
+        pytest.raises(ValueError, match=r"student's classes .* differ from the dataset's .*--ignore_mismatched_sizes"),
+    ):
+        run_distill.main(args)
+    run_distill.main(args + ["--ignore_mismatched_sizes"])
+    model, _ = load_quietly(tmp_path / "out")
+    assert model.config.id2label == ID2LABEL and model.head.gfl_cls.out_channels == len(ID2LABEL)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -693,6 +776,11 @@ def test_push_to_hub_sends_model_processor_and_card_that_load(preset_run, teache
     assert final["message"] == "End of training"
     assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json"} <= set(final["files"])
     assert not any(name.startswith(("checkpoint-", "_")) for commit in hub.commits for name in commit["files"])
+    # the Hub token reaches no file that is written or pushed (transformers pickles it into training_args.bin)
+    written = [path for path in output_dir.rglob("*") if path.is_file()]
+    pushed = [commit["folder"] / name for commit in hub.commits for name in commit["files"]]
+    assert "training_args.bin" in {path.name for path in pushed}
+    assert not [path for path in written + pushed if HUB_TOKEN.encode() in path.read_bytes()]
 
     folder = final["folder"]
     assert {"crosskd", "knowledge-distillation", "object-detection"} <= set(

@@ -3,6 +3,7 @@ arguments and the Trainer."""
 
 from ..metrics import coco_compute_metrics
 from .arguments import DistillationArguments
+from .checkpoints import find_resumable_checkpoint
 from .config import KD_METHODS, DistillationConfig
 from .distiller import DetectionDistiller, DistillationOutput
 from .trainer import DistillationTrainer
@@ -15,4 +16,5 @@ __all__ = [
     "DistillationOutput",
     "DistillationTrainer",
     "coco_compute_metrics",
+    "find_resumable_checkpoint",
 ]

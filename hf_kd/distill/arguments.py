@@ -67,6 +67,13 @@ class DistillationArguments(TrainingArguments):
             "0.9, weight decay 1e-4, 500-step linear warm-up from 0.001x, lr x0.1 at 8/12 and 11/12 of max_steps."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh: remove the checkpoint-N folders of a previous run from output_dir instead of "
+            "resuming from the newest complete one."
+        },
+    )
     eval_score_threshold: float = field(
         default=0.05, metadata={"help": "Evaluation: class-score threshold of the detections (MMDetection's 0.05)."}
     )

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.modelcard import TrainingSummary
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
 from ..metrics import COCO_STAT_NAMES, pack_detections
@@ -22,6 +22,7 @@ from ..models.detection import FAMILIES
 from ..models.detection.ground_truth import check_ground_truth
 from ..models.detection.modeling_dense import DenseDetectorPreTrainedModel
 from .arguments import DistillationArguments
+from .checkpoints import StopOnSignal, arguments_without_token, checkpoint_problem, find_resumable_checkpoint
 from .distiller import DetectionDistiller
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class DistillationTrainer(Trainer):
     `args.kd_method` for the student's family, the teacher's precision `args.teacher_dtype`), or a distiller given as
     `model`. The Trainer's part: optimisation, logging (each loss component: the mean over the logging window and over
     processes), evaluation of the student, checkpoints (the student as a `from_pretrained` folder plus the adapters)
-    and the final folder and Hub push (the student alone).
+    and the final folder and Hub push (the student alone), resuming from the newest complete checkpoint, and a
+    checkpoint and a clean stop on SIGTERM (`stopped_by_signal`).
 
     Evaluation runs the student, post-processes with the image processor on the device (`args.eval_score_threshold`)
     and gathers compact per-image detections with the image ids; pass a `compute_metrics` such as
@@ -91,11 +93,34 @@ class DistillationTrainer(Trainer):
         self.eval_data_collator = eval_data_collator
         if hasattr(self.data_collator, "set_epoch"):
             self.add_callback(_SetCollatorEpoch(self.data_collator))
+        self._stop_on_signal = StopOnSignal()
+        self.add_callback(self._stop_on_signal)
         self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._loss_counts = defaultdict(int)
         self._last_step = None  # the last training forward's outputs and labels, checked after its backward pass
 
     # ---- Training -----------------------------------------------------------------------------------------------
+
+    @property
+    def stopped_by_signal(self) -> bool:
+        """Whether the last `train` stopped early on SIGTERM (after saving a checkpoint of its last step)."""
+        return self._stop_on_signal.agreed
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, where `resume_from_checkpoint=True` takes the newest complete checkpoint of `output_dir`
+        (see [`find_resumable_checkpoint`]), an incomplete one given by path is an error, and resuming is logged."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = find_resumable_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
+        if resume_from_checkpoint:
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem is not None:
+                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
+            with open(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)) as state:
+                step = json.load(state)["global_step"]
+            logger.warning("Resuming from %s (step %d).", resume_from_checkpoint, step)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(
@@ -117,16 +142,25 @@ class DistillationTrainer(Trainer):
 
     def _check_step(self) -> None:
         """Stops training, on every process at once, when the step's labels are malformed or a loss component is NaN
-        or infinite on any process (the Trainer would otherwise step on it and only leave it out of the logged loss).
+        or infinite on any process (the Trainer would otherwise step on it and only leave it out of the logged loss);
+        and lets every process agree to stop at the end of this step when any of them received SIGTERM.
 
         The step's one wait for the device: after the backward pass, where the Trainer waits for the loss anyway.
         """
         losses, label_problems, image_sizes, labels = self._last_step
         not_finite = ~torch.stack(list(losses.values())).isfinite()
-        flags = torch.stack([label_problems.any(), not_finite.any()]).float()
+        stop = torch.full((), self._stop_on_signal.received, device=not_finite.device)  # a fill, not a copy
+        flags = torch.stack([label_problems.any(), not_finite.any(), stop]).float()
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.reduce(flags, reduction="sum")
         if not flags.any():
+            return
+        if not flags[:2].any():
+            if not self._stop_on_signal.agreed:
+                logger.warning(
+                    "SIGTERM: saving a checkpoint at the end of step %d and stopping.", self.state.global_step + 1
+                )
+            self._stop_on_signal.agreed = True
             return
         check_ground_truth(label_problems, labels, image_sizes, self.model.student.config.num_labels)
         if not_finite.any():
@@ -245,7 +279,7 @@ class DistillationTrainer(Trainer):
             distiller.student.save_pretrained(output_dir)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+            torch.save(arguments_without_token(self.args), os.path.join(output_dir, TRAINING_ARGS_NAME))
             adapters = distiller.adapters.state_dict() if distiller.adapters is not None else {}
             if adapters and os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
                 save_file(
