@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection, pipeline
 
 from hf_kd.data.synthetic import CLASS_NAMES, generate_synthetic_coco
+from hf_kd.distill import DetectionDistiller
 from hf_kd.models.detection import FAMILIES
 from hf_kd.models.detection.box_ops import box_iou
 
@@ -375,3 +378,43 @@ def test_heterogeneous_crosskd_swin_teacher_resnet_student(coco_dir, tmp_path):
     assert [entry["step"] for entry in train] == [1, 2] and all(entry["loss_cls_kd"] > 0 for entry in train)
     student = AutoModelForObjectDetection.from_pretrained(tmp_path / "out")
     assert (student.config.model_type, student.config.backbone) == (family, "resnet18")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_gradient_checkpointing_gives_the_same_gradients(family):
+    """`activation_checkpointing_enable` (the Trainer's --gradient_checkpointing) checkpoints the timm backbone and
+    the head towers: the same loss and gradients, recomputed in the backward pass."""
+    labels = [
+        {"boxes": torch.tensor([[10.0, 12.0, 90.0, 100.0]]), "class_labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[20.0, 30.0, 80.0, 90.0]]), "class_labels": torch.tensor([0])},
+    ]
+    gradients = []
+    for checkpointing in (False, True):
+        model = tiny_detector(family, backbone_frozen_stages=-1).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.head.gradient_checkpointing and model.backbone.grad_checkpointing
+        model(**random_batch(), labels=labels).loss.backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) == len(list(model.parameters()))
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, msg=name)
+
+
+def test_gradient_checkpointing_through_run_distill(coco_dir, tmp_path):
+    """`--gradient_checkpointing` reaches the student through the distiller, and CrossKD trains with it."""
+    teacher = save_teacher(tmp_path / "teacher", "gfl", backbone="resnet18")
+    enabled = []
+    enable = DetectionDistiller.activation_checkpointing_enable
+
+    def record(distiller, *args, **kwargs):
+        enable(distiller, *args, **kwargs)
+        enabled.append(distiller.student.head.gradient_checkpointing and distiller.student.backbone.grad_checkpointing)
+
+    with mock.patch.object(DetectionDistiller, "activation_checkpointing_enable", record):
+        run_distill.main(distill_args(coco_dir, tmp_path / "out", teacher, "--gradient_checkpointing"))
+    assert enabled == [True]
+    train = [
+        e for e in json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"] if "loss" in e
+    ]
+    assert [entry["step"] for entry in train] == [1, 2] and all(math.isfinite(entry["loss"]) for entry in train)

@@ -122,6 +122,11 @@ class DetectionDistiller(nn.Module):
             teacher = teacher.eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)  # a plain attribute, not a submodule (see the class docstring)
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Activation checkpointing of the student (what `--gradient_checkpointing` asks the Trainer for); the teacher
+        keeps no activations for a backward pass anyway."""
+        self.student.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+
     def _apply(self, fn, recurse: bool = True):
         if self.teacher is not None:
             self.teacher._apply(fn, recurse)

@@ -56,12 +56,18 @@ class DenseHead(nn.Module):
         widths = [in_channels] + [channels] * (stacked_convs - 1)
         self.cls_convs = nn.ModuleList(ConvNormAct(width, channels, norm_groups) for width in widths)
         self.reg_convs = nn.ModuleList(ConvNormAct(width, channels, norm_groups) for width in widths)
+        self.gradient_checkpointing = False  # set by the model's `activation_checkpointing_enable`
+
+    def _tower_step(self, conv: ConvNormAct, hidden: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(conv.__call__, hidden)
+        return conv(hidden)
 
     def forward_towers(self, feature: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs of the first `depth` convs (each conv, norm, ReLU) of the classification and regression towers."""
         cls_hidden = reg_hidden = feature
         for cls_conv, reg_conv in zip(self.cls_convs[:depth], self.reg_convs[:depth]):
-            cls_hidden, reg_hidden = cls_conv(cls_hidden), reg_conv(reg_hidden)
+            cls_hidden, reg_hidden = self._tower_step(cls_conv, cls_hidden), self._tower_step(reg_conv, reg_hidden)
         return cls_hidden, reg_hidden
 
     def forward_from(
@@ -70,7 +76,7 @@ class DenseHead(nn.Module):
         """The predictions of pyramid level `level` from tower states after `depth` convs: the remaining tower convs,
         then [`predict`]."""
         for cls_conv, reg_conv in zip(self.cls_convs[depth:], self.reg_convs[depth:]):
-            cls_hidden, reg_hidden = cls_conv(cls_hidden), reg_conv(reg_hidden)
+            cls_hidden, reg_hidden = self._tower_step(cls_conv, cls_hidden), self._tower_step(reg_conv, reg_hidden)
         return self.predict(cls_hidden, reg_hidden, level)
 
     def predict(self, cls_hidden: torch.Tensor, reg_hidden: torch.Tensor, level: int) -> tuple[torch.Tensor, ...]:

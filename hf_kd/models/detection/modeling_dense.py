@@ -4,10 +4,12 @@ backbone parts, and the forward pass (backbone, FPN, head, priors, decoding, los
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
@@ -94,6 +96,7 @@ class DenseDetectorPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     accepts_loss_kwargs = False
+    supports_gradient_checkpointing = True
     # 1x1 adapters that students distilled by hf_kd 0.1 carried in their weights; not part of the detector.
     _keys_to_ignore_on_load_unexpected = [r"^distillation_adapters\."]
 
@@ -163,6 +166,13 @@ class DenseDetectorPreTrainedModel(PreTrainedModel):
         """Loads timm pretrained weights (incl. BatchNorm statistics) into the backbone."""
         pretrained = create_backbone(self.config, pretrained=True, checkpoint_path=checkpoint_path)
         self.backbone.load_state_dict(pretrained.state_dict())
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
+    ) -> None:
+        """Activation checkpointing of the head towers (transformers' mechanism) and of the timm backbone (timm's)."""
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        self.backbone.set_grad_checkpointing(enable)
 
     def train(self, mode: bool = True) -> DenseDetectorPreTrainedModel:
         super().train(mode)
