@@ -1,12 +1,7 @@
 """GFLForObjectDetection as a transformers model: save/load (also as remote code), pipeline, training, bad input,
 backbone freezing and pretrained weights, the image processor and the MMDetection converter."""
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +15,6 @@ from transformers import AutoConfig, AutoModelForObjectDetection
 from hf_kd import GFLConfig, GFLForObjectDetection, GFLImageProcessor
 from hf_kd.convert.mmdet import load_converted_weights
 from hf_kd.models.detection.image_processing_dense import get_resize_output_size
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**kwargs) -> GFLConfig:
@@ -42,14 +35,6 @@ def tiny_model() -> GFLForObjectDetection:
                 module.num_batches_tracked.fill_(7)
         model.head.gfl_cls.bias.zero_()  # scores around 0.5, so that eval mode gives detections to compare
     return model.eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tiny_model, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_gfl")
-    tiny_model.save_pretrained(path)
-    GFLImageProcessor(size={"shortest_edge": 128, "longest_edge": 160}).save_pretrained(path)
-    return path
 
 
 def detections(outputs) -> list[dict[str, torch.Tensor]]:
@@ -307,35 +292,3 @@ def test_initialization_of_a_new_detector():
     assert abs(model.neck.fpn_convs[0].weight.std().item() - math.sqrt(2 / (fan_in + fan_out))) < 3e-3
     # timm's ResNet init: Kaiming normal, fan_out (transformers' default init would give std 0.01)
     assert abs(model.backbone.conv1.weight.std().item() - math.sqrt(2 / (64 * 7 * 7))) < 2e-3
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# examples/predict.py
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def test_predict_example_writes_png_and_json(tiny_model_dir, tmp_path):
-    sizes = {"wide": (200, 150), "tall": (120, 180)}
-    for name, size in sizes.items():
-        gradient = np.linspace(0, 255, size[0] * size[1] * 3, dtype=np.float64).reshape(size[1], size[0], 3)
-        Image.fromarray(gradient.astype(np.uint8)).save(tmp_path / f"{name}.jpg")
-    command = [sys.executable, str(REPO_ROOT / "examples" / "predict.py"), "--model", str(tiny_model_dir)]
-    command += [str(tmp_path / "wide.jpg"), str(tmp_path / "tall.jpg"), "--out", str(tmp_path / "out")]
-    command += ["--threshold", "0.3", "--device", "cpu"]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"}
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    for name, (width, height) in sizes.items():
-        with Image.open(tmp_path / "out" / f"{name}.png") as drawn:
-            assert drawn.format == "PNG" and drawn.size == (width, height)
-        summary = json.loads((tmp_path / "out" / f"{name}.json").read_text())
-        assert summary["image"].endswith(f"{name}.jpg") and (summary["width"], summary["height"]) == (width, height)
-        detections = summary["detections"]
-        assert detections, "the tiny model scores around 0.5: some detections pass the 0.3 threshold"
-        assert [d["score"] for d in detections] == sorted((d["score"] for d in detections), reverse=True)
-        for detection in detections:
-            assert set(detection) == {"label", "label_id", "score", "box"}
-            assert detection["label"] == TINY_LABELS[detection["label_id"]] and detection["score"] > 0.3
-            x1, y1, x2, y2 = detection["box"]
-            assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
