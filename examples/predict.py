@@ -1,39 +1,82 @@
-"""Run a saved object detector on image files; write each image with its labelled boxes (PNG) and its detections (JSON).
+"""Run a saved object detector on images; write each image with its labelled boxes (PNG) and its detections (JSON).
 
-    python examples/predict.py --model DIR image.jpg [more.jpg ...] --out out/ [--threshold 0.3] [--device cpu]
+    python examples/predict.py --model DIR PATH [PATH ...] [--out out/] [--threshold 0.3] [--batch_size 8]
 
 `DIR` is a `save_pretrained` folder (model + image processor), e.g. from `python -m hf_kd.convert.mmdet` or training.
-Each input `NAME.jpg` gives `out/NAME.png` and `out/NAME.json`; the JSON holds the image path and size and, per
-detection (best first), `label`, `label_id`, `score` and `box` (x1, y1, x2, y2 in pixels of the original image).
+A `PATH` is an image file or a folder, whose image files (extensions of torchvision's `ImageFolder`: .jpg, .jpeg,
+.png, .ppm, .bmp, .pgm, .tif, .tiff, .webp, any case; not its subfolders) are taken in name order. Images are read
+upright (EXIF orientation applied, as in training and the transformers pipeline), converted to RGB and run in batches
+of `--batch_size` (padded to a common size by the image processor: scores and boxes may differ slightly with the
+other images of the batch, as in batched evaluation).
+
+Outputs: an input keeps its path relative to the folder that holds all the inputs, file name and extension included,
+under `--out`, with `.png` and `.json` appended: `photos/x.jpg` alone gives `out/x.jpg.png` and `out/x.jpg.json`;
+`a/x.jpg b/x.jpg x.png` give `out/a/x.jpg.*`, `out/b/x.jpg.*` and `out/x.png.*`. The PNG is the upright image with
+a box and a "label score" tag per detection. The JSON holds the image path as given, its upright size and, per
+detection (best first), `label`, `label_id`, `score` and `box` (x1, y1, x2, y2 in pixels of the upright image).
+
+A path that cannot be read as an image (not an image, corrupt, missing) or a folder without image files is reported
+on stderr and skipped; the others are still processed. Exit status: 0 when every input was processed, 1 when some
+were skipped, 2 on bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-import hf_kd  # noqa: F401  (registers GFL with the transformers Auto classes)
+import hf_kd  # noqa: F401  (registers the detectors with the transformers Auto classes)
 
 PALETTE = (
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
     (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40), (128, 0, 0),
 )  # fmt: skip
+# Errors of an unreadable image: not an image (PIL.UnidentifiedImageError), truncated or missing file (OSError),
+# corrupt chunks (SyntaxError from some decoders), too many pixels (DecompressionBombError).
+READ_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("images", nargs="+", type=Path, help="image files")
+    parser.add_argument("images", nargs="+", type=Path, help="image files and folders of images")
     parser.add_argument("--model", required=True, help="save_pretrained folder (or Hub id) of the detector")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
-    parser.add_argument("--threshold", type=float, default=0.3, help="minimum score of a drawn detection")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threshold", type=float, default=0.3, help="minimum score of a detection (default: 0.3)")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if available, else cpu"
+    )
     parser.add_argument("--trust_remote_code", action="store_true", help="allow the model folder's own code")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    return args
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """The image files directly in `folder` (by extension, any case), sorted by name."""
+    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS)
+
+
+def output_paths(paths: list[Path], out: Path) -> list[Path]:
+    """Per absolute input path, `out` / its path relative to the deepest folder holding all `paths` (no extension
+    removed): two different paths never share one."""
+    root = os.path.commonpath([path.parent for path in paths])
+    return [out / path.relative_to(root) for path in paths]
+
+
+def read_image(path: Path) -> Image.Image:
+    """The RGB image stored at `path`, upright (EXIF orientation applied)."""
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def detections_to_records(result: dict[str, torch.Tensor], id2label: dict[int, str]) -> list[dict]:
@@ -72,31 +115,59 @@ def draw_detections(image: Image.Image, records: list[dict]) -> Image.Image:
 
 @torch.no_grad()
 def predict(
-    model, processor, image: Image.Image, threshold: float, device: str | torch.device
-) -> dict[str, torch.Tensor]:
-    """Detections above `threshold` on one image, boxes in its own pixels."""
-    inputs = processor(images=[image], return_tensors="pt").to(device=device, dtype=model.dtype)
+    model, processor, images: list[Image.Image], threshold: float, device: str | torch.device
+) -> list[dict[str, torch.Tensor]]:
+    """Detections above `threshold` per image of one batch, boxes in each image's own pixels."""
+    inputs = processor(images=images, return_tensors="pt").to(device=device, dtype=model.dtype)
     outputs = model(**inputs)
-    target_sizes = torch.tensor([[image.height, image.width]], device=device)
-    result = processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=target_sizes)[0]
-    return {key: value.cpu() for key, value in result.items()}
+    target_sizes = torch.tensor([[image.height, image.width] for image in images], device=device)
+    results = processor.post_process_object_detection(outputs, threshold=threshold, target_sizes=target_sizes)
+    return [{key: value.cpu() for key, value in result.items()} for result in results]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Runs the detector on the inputs; returns the exit status (0: all processed, 1: some skipped)."""
     args = parse_args(argv)
+    inputs: dict[Path, Path] = {}  # absolute path (normalized, symbolic links kept) -> path as given, each file once
+    skipped = 0
+    for path in args.images:
+        found = folder_images(path) if path.is_dir() else [path]
+        if not found:
+            print(f"skipped {path}: no image files ({', '.join(IMG_EXTENSIONS)})", file=sys.stderr)
+            skipped += 1
+        for file in found:
+            inputs.setdefault(Path(os.path.abspath(file)), file)
+    if not inputs:
+        return 1
+    paths, outputs = list(inputs.values()), output_paths(list(inputs), args.out)
+
     processor = AutoImageProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     model = AutoModelForObjectDetection.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     model.to(args.device).eval()
     id2label = {int(index): name for index, name in model.config.id2label.items()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    for path in args.images:
-        image = Image.open(path).convert("RGB")
-        records = detections_to_records(predict(model, processor, image, args.threshold, args.device), id2label)
-        draw_detections(image, records).save(args.out / f"{path.stem}.png")
-        summary = {"image": str(path), "width": image.width, "height": image.height, "detections": records}
-        (args.out / f"{path.stem}.json").write_text(json.dumps(summary, indent=2))
-        print(f"{path}: {len(records)} detections -> {args.out / path.stem}.png/.json")
+    for start in range(0, len(paths), args.batch_size):
+        batch = []
+        for path, output in zip(paths[start : start + args.batch_size], outputs[start : start + args.batch_size]):
+            try:
+                batch.append((path, output, read_image(path)))
+            except READ_ERRORS as error:
+                print(f"skipped {path}: not a readable image ({error})", file=sys.stderr)
+                skipped += 1
+        if not batch:
+            continue
+        results = predict(model, processor, [image for _, _, image in batch], args.threshold, args.device)
+        for (path, output, image), result in zip(batch, results):
+            records = detections_to_records(result, id2label)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            png, json_path = output.with_name(f"{output.name}.png"), output.with_name(f"{output.name}.json")
+            draw_detections(image, records).save(png)
+            summary = {"image": str(path), "width": image.width, "height": image.height, "detections": records}
+            json_path.write_text(json.dumps(summary, indent=2))
+            print(f"{path}: {len(records)} detections -> {png}, {json_path}")
+    if skipped:
+        print(f"{skipped} input(s) skipped", file=sys.stderr)
+    return 1 if skipped else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
