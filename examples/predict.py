@@ -12,8 +12,9 @@ other images of the batch, as in batched evaluation).
 Outputs: an input keeps its path relative to the folder that holds all the inputs, file name and extension included,
 under `--out`, with `.png` and `.json` appended: `photos/x.jpg` alone gives `out/x.jpg.png` and `out/x.jpg.json`;
 `a/x.jpg b/x.jpg x.png` give `out/a/x.jpg.*`, `out/b/x.jpg.*` and `out/x.png.*`. The PNG is the upright image with
-a box and a "label score" tag per detection. The JSON holds the image path as given, its upright size and, per
-detection (best first), `label`, `label_id`, `score` and `box` (x1, y1, x2, y2 in pixels of the upright image).
+a box and a "label score" tag per detection (sizes proportional to the image; a tag is moved down past the tags of
+better detections that it would cover). The JSON holds the image path as given, its upright size and, per detection
+(best first), `label`, `label_id`, `score` and `box` (x1, y1, x2, y2 in pixels of the upright image).
 
 A path that cannot be read as an image (not an image, corrupt, missing) or a folder without image files is reported
 on stderr and skipped; the others are still processed. Exit status: 0 when every input was processed, 1 when some
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -39,6 +41,8 @@ PALETTE = (
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
     (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40), (128, 0, 0),
 )  # fmt: skip
+FONT_SCALE = 0.025  # label font size in pixels per pixel of sqrt(width * height): 14 px on a 640x480 image
+MIN_FONT_SIZE = 10
 # Errors of an unreadable image: not an image (PIL.UnidentifiedImageError), truncated or missing file (OSError),
 # corrupt chunks (SyntaxError from some decoders), too many pixels (DecompressionBombError).
 READ_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
@@ -95,21 +99,55 @@ def detections_to_records(result: dict[str, torch.Tensor], id2label: dict[int, s
     ]
 
 
+def place_tags(
+    corners: list[tuple[int, int]], sizes: list[tuple[int, int]], image_size: tuple[int, int]
+) -> list[tuple[int, int, int, int]]:
+    """Rectangles (x1, y1, x2, y2) of label tags of the given (width, height), in order of priority: each just above
+    its box's top-left corner (x1, y1), shifted into the image, then moved down past the tags already placed that it
+    would cover; where that runs out of the image, it stays at its first place."""
+    image_width, image_height = image_size
+    placed: list[tuple[int, int, int, int]] = []
+    for (x, y), (width, height) in zip(corners, sizes):
+        left = min(max(x, 0), max(image_width - width, 0))
+        first_top = top = min(max(y - height, 0), max(image_height - height, 0))
+        while covered := [
+            tag[3]
+            for tag in placed
+            if tag[0] < left + width and left < tag[2] and tag[1] < top + height and top < tag[3]
+        ]:
+            top = max(covered)
+            if top + height > image_height:
+                top = first_top
+                break
+        placed.append((left, top, left + width, top + height))
+    return placed
+
+
 def draw_detections(image: Image.Image, records: list[dict]) -> Image.Image:
-    """A copy of `image` with a box and a "label score" tag per detection (lowest score drawn first)."""
+    """A copy of `image` with a box and a "label score" tag per detection (as given by `detections_to_records`, best
+    first). Font, line width and padding scale with sqrt(width * height); boxes are drawn best last (on top) and the
+    tags after all boxes, placed by `place_tags` so that a better detection's tag is never covered."""
     canvas = image.copy()
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    line_width = max(2, round(max(image.size) / 400))
-    for record in reversed(records):
-        color = PALETTE[record["label_id"] % len(PALETTE)]
-        x1, y1, x2, y2 = record["box"]
-        draw.rectangle((x1, y1, x2, y2), outline=color, width=line_width)
-        text = f"{record['label']} {record['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((x1, y1), text, font=font)
-        tag_top = max(0, y1 - (bottom - top) - 2)
-        draw.rectangle((x1, tag_top, x1 + right - left + 4, tag_top + bottom - top + 2), fill=color)
-        draw.text((x1 + 2, tag_top), text, fill=(0, 0, 0), font=font)
+    font_size = max(MIN_FONT_SIZE, round(FONT_SCALE * math.sqrt(image.width * image.height)))
+    font = ImageFont.load_default(size=font_size)  # scalable with FreeType (Pillow's wheels); else a fixed bitmap
+    line_width, padding = max(1, round(font_size / 8)), max(1, round(font_size / 5))
+    colors = [PALETTE[record["label_id"] % len(PALETTE)] for record in records]
+    for record, color in zip(reversed(records), reversed(colors)):
+        draw.rectangle(record["box"], outline=color, width=line_width)
+
+    if not records:
+        return canvas
+    texts = [f"{record['label']} {record['score']:.2f}" for record in records]
+    text_boxes = [draw.textbbox((0, 0), text, font=font) for text in texts]
+    text_top, text_bottom = min(box[1] for box in text_boxes), max(box[3] for box in text_boxes)  # one tag height
+    corners = [(math.floor(record["box"][0]), math.floor(record["box"][1])) for record in records]
+    sizes = [(right - left + 2 * padding, text_bottom - text_top + 2 * padding) for left, _, right, _ in text_boxes]
+    tags = place_tags(corners, sizes, image.size)
+    for tag, text, (left, *_), color in reversed(list(zip(tags, texts, text_boxes, colors))):
+        draw.rectangle((tag[0], tag[1], tag[2] - 1, tag[3] - 1), fill=color)  # PIL includes the corner (x2, y2)
+        text_color = (0, 0, 0) if 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2] > 128 else (255, 255, 255)
+        draw.text((tag[0] + padding - left, tag[1] + padding - text_top), text, fill=text_color, font=font)
     return canvas
 
 

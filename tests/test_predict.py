@@ -1,4 +1,5 @@
-"""examples/predict.py: PNG and JSON per image, EXIF orientation, folders, unreadable files, same-stem inputs."""
+"""examples/predict.py: PNG and JSON per image, EXIF orientation, folders, unreadable files, same-stem inputs and
+readable labels."""
 
 import importlib.util
 import json
@@ -147,3 +148,32 @@ def test_same_stem_inputs_get_their_own_outputs(predict, tiny_model_dir, tmp_pat
         assert found["image"] == str(tmp_path / name) and (found["width"], found["height"]) == (width, height)
         with Image.open(tmp_path / "out" / f"{name}.png") as drawn:
             assert drawn.size == (width, height)
+
+
+def test_labels_scale_with_the_image_and_do_not_cover_each_other(predict):
+    tag_heights = []
+    for width, height in [(640, 480), (2560, 1920)]:
+        box = [0.25 * width, 0.5 * height, 0.75 * width, 0.9 * height]
+        records = [
+            {"label": label, "label_id": label_id, "score": score, "box": box}
+            for label, label_id, score in [("cat", 0, 0.9), ("bird", 2, 0.8), ("dog", 3, 0.7)]
+        ]  # one box, three labels of three colors
+        drawn = np.array(predict.draw_detections(Image.new("RGB", (width, height), (128, 128, 128)), records))
+
+        tags = []
+        for record in records:
+            visible = (drawn == predict.PALETTE[record["label_id"]]).all(-1)
+            if record is records[0]:
+                visible[round(box[1]) :] = False  # the best box's outline is drawn on top, in its tag's color
+            rows, columns = visible.nonzero()
+            tag = (columns.min(), rows.min(), columns.max() + 1, rows.max() + 1)
+            assert visible.sum() > 0.5 * (tag[2] - tag[0]) * (tag[3] - tag[1]), f"{record['label']}: tag covered"
+            tags.append(tag)
+        for index, tag in enumerate(tags):  # disjoint
+            for other in tags[index + 1 :]:
+                assert tag[2] <= other[0] or other[2] <= tag[0] or tag[3] <= other[1] or other[3] <= tag[1]
+        heights = {tag[3] - tag[1] for tag in tags}
+        assert len(heights) == 1
+        tag_heights.append(heights.pop())
+        assert 0.03 * height < tag_heights[-1] < 0.06 * height  # readable, not dominating
+    assert 3.5 < tag_heights[1] / tag_heights[0] < 4.5
