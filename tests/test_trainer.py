@@ -363,6 +363,8 @@ def preset_run(coco_dir, teacher_dir, tmp_path_factory):
                 args += ["--student_fpn_channels", "32", "--student_head_channels", "32"]
             if method != "none":
                 args += ["--teacher_model_name_or_path", str(teacher_dir)]
+            if method == "bckd":
+                args += ["--paper_recipe"]
             hub = None
             if method == "crosskd":
                 hub = FakeHub(tmp_path_factory.mktemp("hub"))
@@ -783,16 +785,24 @@ def test_push_to_hub_sends_model_processor_and_card_that_load(preset_run, teache
     assert not [path for path in written + pushed if HUB_TOKEN.encode() in path.read_bytes()]
 
     folder = final["folder"]
-    assert {"crosskd", "knowledge-distillation", "object-detection"} <= set(
-        ModelCard.load(folder / "README.md").data.tags
+    card = ModelCard.load(folder / "README.md")
+    assert {"crosskd", "knowledge-distillation", "object-detection", "gfl", "hf_kd"} <= set(card.data.tags)
+    assert (card.data.pipeline_tag, card.data.library_name, card.data.model_name) == (
+        "object-detection",
+        "transformers",
+        HUB_MODEL_ID,
     )
-    card = (folder / "README.md").read_text()
-    assert "trained from scratch" in card and "- Student: new" in card and "[](" not in card
-    assert "Method: `crosskd`" in card
-    assert f"Teacher: `{teacher_dir}`" in card
-    assert str(coco_dir) in card
+    text = card.text
+    assert f"trained from scratch on {coco_dir.name}" in text and "[](" not in text
+    assert "`kd_method=crosskd`" in text and "a teacher GFL with a timm `resnet18` backbone, a 64-wide FPN" in text
+    assert f'pipeline("object-detection", model="{HUB_MODEL_ID}")' in text and "trust_remote_code=True" in text
+    assert "- Optimizer: AdamW lr 0.001" in text
+    for local_path in (str(coco_dir), str(teacher_dir), str(output_dir)):
+        assert local_path not in (folder / "README.md").read_text(), local_path
     for name in COCO_STAT_NAMES:
-        assert f"| {name} | {metrics[f'eval_{name}']:.4f} |" in card, name
+        assert f"| {name} | {metrics[f'eval_{name}']:.4f} |" in text, name
+    index = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert index == {name: round(metrics[f"eval_{name}"], 4) for name in COCO_STAT_NAMES}
 
     model, _ = load_quietly(folder)
     pushed = load_file(folder / "model.safetensors")
@@ -867,20 +877,31 @@ def test_bf16_autocast_runs_teacher_and_student_in_bf16_with_float32_losses(
 
 
 def test_model_card_links_only_a_hub_student_as_base_model(student_dir, tmp_path):
-    """A student loaded from a local folder is named in the distillation section, not linked as a Hub base model."""
+    """A student loaded from a local folder is neither linked as a Hub base model nor named by its path."""
     model = load_quietly(student_dir)[0]
     args = DistillationArguments(output_dir=str(tmp_path), kd_method="none", report_to="none", use_cpu=True)
     trainer = DistillationTrainer(model=model, args=args)
     trainer.create_model_card(dataset="bccd")
     card = ModelCard.load(tmp_path / "README.md")
-    assert "base_model" not in card.data.to_dict() and "trained from scratch on the bccd dataset" in card.text
-    assert f"- Student: initialized from `{student_dir}`" in card.text
+    assert "base_model" not in card.data.to_dict() and "trained from scratch on bccd" in card.text
+    assert str(student_dir) not in card.text and "Trained without a teacher" in card.text
 
     trainer.create_model_card(finetuned_from="hf-kd/gfl-r18-coco", dataset="bccd")
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model == "hf-kd/gfl-r18-coco"
-    assert "fine-tuned version of [hf-kd/gfl-r18-coco](https://huggingface.co/hf-kd/gfl-r18-coco)" in card.text
-    assert card.text.count("## Distillation (hf_kd)") == 1
+    assert "fine-tuned from [`hf-kd/gfl-r18-coco`](https://huggingface.co/hf-kd/gfl-r18-coco)" in card.text
+    assert card.text.count("## Training") == 1
+
+
+def test_paper_recipe_model_card_states_the_optimizer_and_schedule_used(preset_run):
+    """The bckd preset runs with --paper_recipe: SGD at the papers' lr for its batch (0.01 x 2 / 16), the step
+    decay; no AdamW, no local path."""
+    output_dir, _, _ = preset_run("bckd")
+    text = (output_dir / "README.md").read_text()
+    assert "- Optimizer: SGD lr 0.00125, momentum 0.9, weight_decay 0.0001" in text
+    assert "the papers' schedule: linear warm-up over 500 steps from 0.001x, then x0.1 at steps 1 and 1" in text
+    assert "AdamW" not in text and str(output_dir.parent) not in text
+    assert "BCKD ([Yang et al., ICCV 2023]" in text
 
 
 def test_prepared_training_set_trains_from_parquet_shards(coco_dir, teacher_dir, tmp_path):

@@ -13,17 +13,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
-from transformers.modelcard import TrainingSummary
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
-from ..metrics import COCO_STAT_NAMES, pack_detections
+from ..metrics import pack_detections
 from ..models.detection import FAMILIES
 from ..models.detection.ground_truth import check_ground_truth
 from ..models.detection.modeling_dense import DenseDetectorPreTrainedModel
 from .arguments import DistillationArguments
 from .checkpoints import StopOnSignal, arguments_without_token, checkpoint_problem, find_resumable_checkpoint
 from .distiller import DetectionDistiller
+from .model_card import build_model_card, card_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -304,37 +304,13 @@ class DistillationTrainer(Trainer):
         logger.info(f"Loading best model from {self.state.best_model_checkpoint} (score: {self.state.best_metric}).")
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
-    def create_model_card(self, finetuned_from: str | None = None, **kwargs: Any) -> None:
-        """The Trainer's model card plus a section on the distillation: the student's starting point, the teacher, the
-        method and its settings, and the latest COCO numbers. Takes the arguments of `Trainer.create_model_card`.
-
-        `finetuned_from` (default: the student's `name_or_path`) is linked as the base model only when it names a Hub
-        repository; a student built from a config or loaded from a local folder is "trained from scratch" there."""
-        if not self.is_world_process_zero():
-            return
-        distiller = self.accelerator.unwrap_model(self.model)
-        origin = finetuned_from if finetuned_from is not None else distiller.student.config.name_or_path
-        hub_origin = origin if origin and not os.path.isdir(origin) else None
-        summary = TrainingSummary.from_trainer(self, finetuned_from=hub_origin or "", **kwargs)
-        summary.finetuned_from = hub_origin
-        lines = [summary.to_model_card(), "", "## Distillation (hf_kd)", ""]
-        lines.append(f"- Student: initialized from `{origin}`" if origin else "- Student: new (built from a config)")
-        if distiller.teacher is None:
-            lines.append("- Trained without a teacher (`kd_method=none`).")
-        else:
-            lines += [
-                f"- Method: `{self.args.kd_method}`",
-                f"- Teacher: `{distiller.teacher.config.name_or_path or 'local model'}` "
-                f"({distiller.teacher.config.backbone} backbone)",
-                f"- Settings: `{json.dumps(distiller.config.__dict__)}`",
-            ]
-        evaluations = [entry for entry in self.state.log_history if "eval_map" in entry]
-        if evaluations:
-            latest = evaluations[-1]
-            lines += ["", f"COCO box metrics at step {latest['step']}:", "", "| metric | value |", "| --- | --- |"]
-            lines += [f"| {name} | {latest[f'eval_{name}']:.4f} |" for name in COCO_STAT_NAMES]
-        with open(os.path.join(self.args.output_dir, "README.md"), "w") as card:
-            card.write("\n".join(lines) + "\n")
+    def create_model_card(self, **kwargs: Any) -> None:
+        """Writes the student's model card (`README.md` in `output_dir`, see [`build_model_card`]): the detector and
+        its use, the teacher and the method, the optimizer and schedule actually used, and the latest COCO numbers
+        (also in the model index). Takes the arguments of `Trainer.create_model_card`; `finetuned_from` (default: the
+        student's `name_or_path`) and `dataset` are named only when they are Hub ids, else by their folder name."""
+        if self.is_world_process_zero():
+            build_model_card(self, **card_arguments(kwargs)).save(os.path.join(self.args.output_dir, "README.md"))
 
     # ---- The papers' schedule -----------------------------------------------------------------------------------
 
