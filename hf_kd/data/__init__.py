@@ -3,9 +3,10 @@ annotation files prepared once into parquet shards (`prepare_coco_detection`, `l
 transforms and collator.
 
 Modules: `schema` (the example layout, categories, errors), `validation` (the checks every source shares and their
-report), `coco` (local COCO folders), `hub` (Hub `objects` datasets), `parquet` (the parquet shard writer),
-`prepared` (prepared COCO-size data), `transforms`, `collator`. The synthetic dataset generator is
-`hf_kd.data.synthetic` (not imported here, so that `python -m hf_kd.data.synthetic` runs it cleanly).
+report), `image_files` (checks of image files before training), `coco` (local COCO folders), `hub` (Hub `objects`
+datasets), `parquet` (the parquet shard writer), `prepared` (prepared COCO-size data), `transforms`, `collator`. The
+synthetic dataset generator is `hf_kd.data.synthetic` (not imported here, so that `python -m hf_kd.data.synthetic`
+runs it cleanly).
 """
 
 from .coco import (
@@ -18,7 +19,13 @@ from .coco import (
 from .collator import DetectionCollator, configure_training_process_memory, configure_worker_memory
 from .hub import format_detection_dataset, load_detection_dataset
 from .prepared import PreparedCocoDetection, load_prepared_coco_detection, prepare_coco_detection
-from .schema import DetectionCategories, DetectionDataError, detection_features, get_id2label
+from .schema import (
+    DetectionCategories,
+    DetectionDataError,
+    check_same_categories,
+    detection_features,
+    get_id2label,
+)
 from .transforms import DetectionTransform
 from .validation import DataValidationReport
 
@@ -30,6 +37,7 @@ __all__ = [
     "DetectionDataError",
     "DetectionTransform",
     "PreparedCocoDetection",
+    "check_same_categories",
     "configure_training_process_memory",
     "configure_worker_memory",
     "detection_features",

@@ -184,6 +184,7 @@ def read_coco_detection(
     *,
     on_invalid: OnInvalid = "raise",
     verify_images: bool = False,
+    progress: bool = False,
 ) -> CocoDetectionSource:
     """Reads and validates a COCO detection annotation file.
 
@@ -195,11 +196,20 @@ def read_coco_detection(
             duplicate ids, an annotation pointing to a missing image or an unknown category, a missing image
             file): `"raise"` a [`DetectionDataError`] listing them, or `"skip"` them, logging a warning with counts.
             Malformed json and bad categories always raise.
-        verify_images: also decode every image once (in threads) and check that it is readable and that its size,
-            EXIF orientation applied, matches `width`/`height`.
+        verify_images: also check every image file (in threads, from its header and its last bytes, see
+            `hf_kd.data.image_files`): that it is a complete image (not empty, truncated or of another kind), that
+            its mode converts to RGB faithfully (16-bit grayscale does not) and that its size, EXIF orientation
+            applied, matches `width`/`height`. Unusable images are invalid entries (see `on_invalid`).
+        progress: show a progress bar while checking the images.
 
-    Boxes that leave the image or have no area are kept (the ground truth stays what pycocotools reads) and
-    reported in `source.report`; training transforms clip them and count what they remove.
+    Raises:
+        DetectionDataError: malformed json, no `annotations` list (a file of images without one is almost always a
+            mistake; an empty list is a set of negative images, and is logged), bad categories, or invalid entries
+            with `on_invalid="raise"`.
+
+    Boxes that leave the image or have no area, and files listed under several image ids, are kept (the ground
+    truth stays what pycocotools reads) and reported in `source.report`; training transforms clip boxes and count
+    what they remove.
     """
     annotation_file = Path(annotation_file)
     source = str(annotation_file)
@@ -212,9 +222,18 @@ def read_coco_detection(
         raise DetectionDataError(f"{source}: not a COCO annotation file (needs a list under 'images')")
     if not isinstance(data.get("categories"), list):
         raise DetectionDataError(f"{source}: not a COCO detection file (needs a list under 'categories')")
-    annotations = data.get("annotations", [])
+    if "annotations" not in data:
+        raise DetectionDataError(
+            f"{source}: no 'annotations' list: without one its {len(data['images'])} images have no objects; give "
+            "'annotations': [] for a split of negative images only"
+        )
+    annotations = data["annotations"]
     if not isinstance(annotations, list):
         raise DetectionDataError(f"{source}: 'annotations' must be a list")
+    if not annotations and data["images"]:
+        logger.warning(
+            "%s: 'annotations' is empty: all %d images are negatives (no objects)", source, len(data["images"])
+        )
 
     categories = DetectionCategories.from_coco(data["categories"], source=source)
     json_counts = _json_counts(data["images"], annotations)
@@ -223,7 +242,7 @@ def read_coco_detection(
     if image_dir is None:
         image_dir = _find_image_dir(annotation_file, [image["file_name"] for image in images])
     image_dir = Path(image_dir)
-    images = check_image_files(images, image_dir, report, verify_images)
+    images = check_image_files(images, image_dir, report, verify_images, progress=progress)
     listed_image_ids = {image.get("id") for image in data["images"] if isinstance(image, dict)}
     kept = validate_coco_annotations(annotations, images, listed_image_ids, categories.category_ids, report)
 
@@ -236,7 +255,7 @@ def read_coco_detection(
         logger.warning("%s: skipped invalid images/annotations:\n%s", source, report.summary(INVALID_KINDS))
     if any(report.counts[kind] for kind in WARNING_KINDS):
         logger.warning(
-            "%s: kept annotations with problems (transforms clip boxes and count the ones they remove):\n%s",
+            "%s: kept entries with problems (transforms clip boxes and count the ones they remove):\n%s",
             source,
             report.summary(WARNING_KINDS),
         )

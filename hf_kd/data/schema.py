@@ -53,6 +53,16 @@ class DetectionCategories:
             raise DetectionDataError(f"{source}: category names must be unique, duplicated: {duplicated}")
         return cls(names=tuple(names), category_ids=tuple(sorted(seen_ids)))
 
+    @classmethod
+    def from_id2label(cls, id2label: Mapping[int, str]) -> DetectionCategories:
+        """The classes of a dataset in the common layout (e.g. from a Hub dataset), its labels as category ids."""
+        labels = sorted(id2label)
+        return cls(names=tuple(id2label[label] for label in labels), category_ids=tuple(labels))
+
+    @property
+    def by_category_id(self) -> dict[int, str]:
+        return dict(zip(self.category_ids, self.names))
+
     @property
     def num_labels(self) -> int:
         return len(self.names)
@@ -68,6 +78,16 @@ class DetectionCategories:
     @property
     def label_to_category_id(self) -> dict[int, int]:
         return dict(enumerate(self.category_ids))
+
+
+def check_same_categories(categories: Mapping[str, DetectionCategories]) -> None:
+    """Raises a [`DetectionDataError`] listing every split's categories (`{id: name}`) unless all splits (named by
+    the keys) have the same category ids with the same names: a model trained on one split and evaluated on another
+    would otherwise be scored against other classes."""
+    splits = list(categories.items())
+    if any(other != splits[0][1] for _, other in splits[1:]):
+        listed = "\n".join(f"  {split}: {split_categories.by_category_id}" for split, split_categories in splits)
+        raise DetectionDataError(f"the splits' categories (id: name) differ:\n{listed}")
 
 
 def detection_features(names: Sequence[str]) -> datasets.Features:

@@ -15,6 +15,7 @@ import torch
 from torchvision.transforms.v2 import functional as tvF
 
 from ..models.detection.image_processing_dense import get_resize_output_size
+from .image_files import HIGH_BIT_DEPTH_MODES
 from .schema import DetectionDataError
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class DetectionTransform:
 
     def __call__(self, example: Mapping[str, Any]) -> dict[str, Any]:
         image_id = int(example["image_id"])
-        image = _to_uint8_tensor(example["image"])
+        image = _to_uint8_tensor(example["image"], image_id)
         height, width = image.shape[-2:]
         if (example.get("width", width), example.get("height", height)) != (width, height):
             raise DetectionDataError(
@@ -178,13 +179,18 @@ class DetectionTransform:
         return image
 
 
-def _to_uint8_tensor(image: Any) -> torch.Tensor:
+def _to_uint8_tensor(image: Any, image_id: int) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"expected a uint8 (3, H, W) image tensor, got {image.dtype} {tuple(image.shape)}")
         return image
     if not isinstance(image, PIL.Image.Image):
         raise TypeError(f"expected a PIL image or a uint8 tensor, got {type(image).__name__}")
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        raise DetectionDataError(
+            f"image id {image_id}: mode {image.mode!r} has more than 8 bits per pixel, which conversion to RGB clips; "
+            "convert it to 8-bit RGB with the scaling that suits the data"
+        )
     if image.mode != "RGB":
         image = image.convert("RGB")
     return tvF.pil_to_tensor(image)

@@ -11,16 +11,15 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import numpy as np
-import PIL.Image
+
+from .image_files import ImageCheck, image_problems
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +31,7 @@ IMAGE_INVALID_KINDS = (
     "duplicate_image_id",
     "missing_image_file",
     "unreadable_image",
+    "unsupported_image_mode",
     "image_size_mismatch",
 )
 ANNOTATION_INVALID_KINDS = (
@@ -43,11 +43,9 @@ ANNOTATION_INVALID_KINDS = (
     "annotation_of_skipped_image",
 )
 INVALID_KINDS = IMAGE_INVALID_KINDS + ANNOTATION_INVALID_KINDS
-WARNING_KINDS = ("box_outside_image", "degenerate_box", "area_missing")
+WARNING_KINDS = ("duplicate_file_name", "box_outside_image", "degenerate_box", "area_missing")
 
 _MAX_MESSAGES_PER_KIND = 5
-_EXIF_ORIENTATION_TAG = 0x0112
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 @dataclass
@@ -113,18 +111,6 @@ def box_warning(box: Sequence[float], width: int, height: int) -> tuple[str, str
     return None
 
 
-def image_size(file: str | os.PathLike | BinaryIO, decode: bool = False) -> tuple[int, int]:
-    """`(width, height)` of an image file as it is decoded (EXIF orientation applied, as `datasets.Image` does),
-    from its header, or from the whole decoded image with `decode=True` (which raises on a corrupt file)."""
-    with PIL.Image.open(file) as image:
-        if decode:
-            image.load()
-        width, height = image.size
-        if image.getexif().get(_EXIF_ORIENTATION_TAG) in _TRANSPOSING_ORIENTATIONS:
-            width, height = height, width
-    return width, height
-
-
 def validate_coco_images(entries: list[Any], report: DataValidationReport) -> list[dict[str, Any]]:
     """The usable entries of a COCO `images` list (`id`, `file_name`, `width`, `height`); the others are reported."""
     valid = []
@@ -160,14 +146,29 @@ def validate_coco_images(entries: list[Any], report: DataValidationReport) -> li
                 report.add(
                     "duplicate_image_id", f"image id {image_id} is used by {len(file_names)} images: {file_names}"
                 )
-    return [image for image in valid if len(by_id[image["id"]]) == 1]
+    unique = [image for image in valid if len(by_id[image["id"]]) == 1]
+    by_file_name = defaultdict(list)
+    for image in unique:
+        by_file_name[image["file_name"]].append(image["id"])
+    for file_name, image_ids in by_file_name.items():
+        if len(image_ids) > 1:
+            report.add(
+                "duplicate_file_name",
+                f"file {file_name} is listed under {len(image_ids)} image ids {image_ids}: each is trained on and "
+                "evaluated with its own annotations only",
+            )
+    return unique
 
 
 def check_image_files(
-    images: list[dict[str, Any]], image_dir: Path, report: DataValidationReport, verify_images: bool
+    images: list[dict[str, Any]],
+    image_dir: Path,
+    report: DataValidationReport,
+    verify_images: bool,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """The images whose file exists in `image_dir` and, with `verify_images`, decodes (in threads) to the size the
-    entry says; the others are reported."""
+    """The images whose file exists in `image_dir` and, with `verify_images`, is a complete image of a supported mode
+    and of the size the entry says (see `hf_kd.data.image_files`, checked in threads); the others are reported."""
     present = []
     for image in images:
         path = image_dir / image["file_name"]
@@ -177,8 +178,15 @@ def check_image_files(
             report.add("missing_image_file", f"image id {image['id']}: file {path} does not exist")
     if not verify_images:
         return present
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        problems = list(pool.map(lambda image: _verify_image(image, image_dir), present))
+    problems = image_problems(
+        (
+            ImageCheck(image_dir / image["file_name"], image["id"], expected_size=(image["width"], image["height"]))
+            for image in present
+        ),
+        total=len(present),
+        progress=progress,
+        description=f"Checking the images of {report.source}",
+    )
     kept = []
     for image, problem in zip(present, problems):
         if problem is None:
@@ -186,21 +194,6 @@ def check_image_files(
         else:
             report.add(*problem)
     return kept
-
-
-def _verify_image(image: dict[str, Any], image_dir: Path) -> tuple[str, str] | None:
-    path = image_dir / image["file_name"]
-    try:
-        width, height = image_size(path, decode=True)
-    except Exception as error:  # any decoder failure makes the file unreadable
-        return "unreadable_image", f"image id {image['id']}: cannot decode {path}: {error}"
-    if (width, height) != (image["width"], image["height"]):
-        return (
-            "image_size_mismatch",
-            f"image id {image['id']} ({path}): decoded size {width}x{height} (EXIF orientation applied) does not "
-            f"match width x height {image['width']}x{image['height']} in the annotations",
-        )
-    return None
 
 
 def validate_coco_annotations(
