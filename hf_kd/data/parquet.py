@@ -68,6 +68,11 @@ def shard_table(source: CocoDetectionSource, start: int, stop: int, embed_images
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def shard_paths(output_dir: str | os.PathLike, split: str, num_shards: int) -> list[Path]:
+    """The paths of the shards `{split}-0000k-of-0000n.parquet` that [`write_parquet_shards`] writes."""
+    return [Path(output_dir) / f"{split}-{k:05d}-of-{num_shards:05d}.parquet" for k in range(num_shards)]
+
+
 def write_parquet_shards(
     source: CocoDetectionSource,
     output_dir: str | os.PathLike,
@@ -89,7 +94,7 @@ def write_parquet_shards(
     output_dir.mkdir(parents=True, exist_ok=True)
     schema = source.features.arrow_schema
     bounds = source.shard_bounds(num_shards)
-    paths = [output_dir / f"{split}-{k:05d}-of-{len(bounds):05d}.parquet" for k in range(len(bounds))]
+    paths = shard_paths(output_dir, split, len(bounds))
     kept = 0
     with tqdm(total=len(source), desc=description, unit="img", disable=not progress) as bar:
         for path, (start, stop) in zip(paths, bounds):

@@ -12,7 +12,8 @@ streaming=True)`): each process and dataloader worker reads only its own shards,
 number of workers, and nothing of the json is held anywhere. The shards are written by `hf_kd.data.parquet`.
 
 The prepared folder is a plain parquet dataset (features in the schema metadata), `load_dataset("parquet",
-data_dir=...)` reads it as well; `hf_kd_prepared.json` in it records the counts, categories and source file.
+data_dir=...)` reads it as well; `hf_kd_prepared.json` in it records the counts, categories, source file and the
+shards hf_kd wrote, the only files it ever replaces or deletes there.
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .coco import CocoDetectionSource, read_coco_detection
-from .parquet import write_parquet_shards
+from .parquet import shard_paths, write_parquet_shards
 from .schema import DetectionCategories, DetectionDataError, detection_features
 from .validation import ANNOTATION_INVALID_KINDS, IMAGE_INVALID_KINDS, INVALID_KINDS, DataValidationReport, OnInvalid
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "hf_kd_prepared.json"
+PROGRESS_NAME = "hf_kd_preparing.json"
 INDEX_NAME = "_hf_kd_index.npz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 COUNT_NAMES = ("images", "annotations", "crowd", "empty_images")
 
 
@@ -99,6 +101,7 @@ def prepare_coco_detection(
     num_shards: int | None = None,
     split: str = "train",
     on_invalid: OnInvalid = "raise",
+    verify_images: bool = False,
     progress: bool = True,
 ) -> PreparedCocoDetection:
     """Prepares a COCO annotation file once for [`load_prepared_coco_detection`]; resumable.
@@ -106,48 +109,72 @@ def prepare_coco_detection(
     Args:
         annotation_file: COCO json (validated as by [`read_coco_detection`], with the same `image_dir` default and
             `on_invalid` handling).
-        output_dir: folder for `{split}-0000k-of-0000n.parquet` shards (examples in the common layout, `image` a
-            reference to the image file by absolute path, no bytes), the manifest and, while preparing, the parsed
-            index.
+        output_dir: a new or empty folder, or one that holds a preparation of the same file and split, for
+            `{split}-0000k-of-0000n.parquet` shards (examples in the common layout, `image` a reference to the image
+            file by absolute path, no bytes), the manifest and, while preparing, the parsed index.
         num_shards: shards of consecutive images; they are what processes and dataloader workers split, so use a
             multiple of `processes x workers`. Defaults to ~2,048 images a shard, rounded up to a multiple of 8
             (64 for COCO train2017), at most 512.
-        progress: tqdm progress bar over the images written.
+        verify_images: check every image file once, as [`read_coco_detection`] does.
+        progress: tqdm progress bars over the images checked and written.
 
     Resuming: the json's parsed and validated arrays are kept in `output_dir/_hf_kd_index.npz` until the shards are
     done, shards are written to a temporary name and renamed when complete, and an interrupted preparation called
     again skips the parse and every finished shard. A folder prepared from the same file (same size and mtime) with
-    the same `num_shards` and `split` is returned as it is.
+    the same options is returned as it is; one prepared from an earlier version of the file, or with other options,
+    is prepared again.
+
+    Only files that hf_kd wrote are ever replaced or deleted: the shards a preparation writes are recorded (in
+    `hf_kd_preparing.json` while it runs, then in the manifest), and only those are removed when the folder is
+    prepared again; other files in the folder are left as they are.
 
     Raises:
+        FileExistsError: `output_dir` is not empty and holds no preparation by hf_kd, or a preparation of another
+            annotation file or split.
         DetectionDataError: invalid data (with `on_invalid="raise"`), or the counts of images, annotations, crowd
             regions and empty images read back from the shards differ from the json's.
     """
     annotation_file = Path(annotation_file)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     stat = annotation_file.stat()
     fingerprint = {
         "annotation_file": str(annotation_file.resolve()),
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
         "on_invalid": on_invalid,
+        "verify_images": verify_images,
         "format_version": FORMAT_VERSION,
     }
-    manifest_path = output_dir / MANIFEST_NAME
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        same_source = manifest.get("fingerprint") == fingerprint and manifest.get("split") == split
-        same_images = image_dir is None or Path(manifest.get("image_dir", "")) == Path(os.path.abspath(image_dir))
-        if same_source and same_images and (num_shards is None or len(manifest["shards"]) == num_shards):
-            logger.info("%s is already prepared from %s", output_dir, annotation_file)
-            return PreparedCocoDetection.from_dir(output_dir)
-        manifest_path.unlink()  # prepared from something else: redo (complete shards are kept, see below)
+    record = _claim(output_dir, fingerprint["annotation_file"], split) or {}
+    resumable = record.get("fingerprint") == fingerprint and (
+        image_dir is None or Path(record.get("image_dir") or "") == Path(os.path.abspath(image_dir))
+    )
+    manifest_path, progress_path = output_dir / MANIFEST_NAME, output_dir / PROGRESS_NAME
+    complete = manifest_path.is_file() and not progress_path.is_file()
+    if resumable and complete and (num_shards is None or len(record["shards"]) == num_shards):
+        logger.info("%s is already prepared from %s", output_dir, annotation_file)
+        return PreparedCocoDetection.from_dir(output_dir)
+    owned = set(record.get("shards", ()))
+    if record and not resumable:  # prepared from an earlier version of the file, or with other options
+        _remove(output_dir, owned)
+        owned = set()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    claim = {"annotation_file": fingerprint["annotation_file"], "split": split, "fingerprint": fingerprint}
+    _write_json(
+        progress_path, {**claim, "image_dir": record.get("image_dir") if owned else None, "shards": sorted(owned)}
+    )
+    manifest_path.unlink(missing_ok=True)
 
     start = time.perf_counter()
-    source = _load_or_parse(annotation_file, output_dir, image_dir, on_invalid, fingerprint, progress)
+    source = _load_or_parse(annotation_file, output_dir, image_dir, on_invalid, verify_images, fingerprint, progress)
     if num_shards is None:  # ~2,048 images a shard, a multiple of 8
         num_shards = min(8 * max(1, -(-len(source) // (2048 * 8))), 512)
+    names = [path.name for path in shard_paths(output_dir, split, len(source.shard_bounds(num_shards)))]
+    foreign = [name for name in names if (output_dir / name).exists() and name not in owned]
+    if foreign:
+        raise FileExistsError(f"{output_dir}: {foreign} were not written by hf_kd; move them to prepare this folder")
+    image_dir_written = os.path.abspath(source.image_dir)
+    _write_json(progress_path, {**claim, "image_dir": image_dir_written, "shards": sorted(owned | set(names))})
     paths = write_parquet_shards(
         source,
         output_dir,
@@ -157,16 +184,11 @@ def prepare_coco_detection(
         progress=progress,
         description=f"Preparing {annotation_file.name}",
     )
-    for stale in set(output_dir.glob("*.parquet")) - set(paths):  # shards of an earlier preparation
-        stale.unlink()
-    names = [path.name for path in paths]
     counts = _verify(output_dir, names, source)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "fingerprint": fingerprint,
-        "annotation_file": str(annotation_file.resolve()),
-        "image_dir": os.path.abspath(source.image_dir),
-        "split": split,
+        **claim,
+        "image_dir": image_dir_written,
         "shards": names,
         "counts": counts,
         "json_counts": source.json_counts,
@@ -174,12 +196,53 @@ def prepare_coco_detection(
         "categories": {"names": list(source.categories.names), "category_ids": list(source.categories.category_ids)},
         "seconds": round(time.perf_counter() - start, 2),
     }
-    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, manifest_path)
+    _write_json(manifest_path, manifest)
+    _remove(output_dir, owned - {path.name for path in paths}, keep_records=True)  # shards of an earlier preparation
     (output_dir / INDEX_NAME).unlink(missing_ok=True)
+    progress_path.unlink()
     logger.info("prepared %s: %s (%d shards)", output_dir, counts, len(names))
     return PreparedCocoDetection.from_dir(output_dir)
+
+
+def _claim(output_dir: Path, annotation_file: str, split: str) -> dict[str, Any] | None:
+    """The record (the preparation in progress, else the manifest) of an earlier preparation of `annotation_file`'s
+    `split` in `output_dir`; None for a new or empty folder. Raises `FileExistsError` for any other folder."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} is a file, not a folder for a prepared dataset")
+    for name in (PROGRESS_NAME, MANIFEST_NAME):
+        if (output_dir / name).is_file():
+            record = json.loads((output_dir / name).read_text())
+            if (record.get("annotation_file"), record.get("split")) != (annotation_file, split):
+                raise FileExistsError(
+                    f"{output_dir} holds a preparation of {record.get('annotation_file')} (split "
+                    f"{record.get('split')!r}), not of {annotation_file} (split {split!r}): give another folder, or "
+                    "delete this one to prepare it again"
+                )
+            return record
+    entries = sorted(os.listdir(output_dir)) if output_dir.is_dir() else []
+    if entries:
+        listed = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+        raise FileExistsError(
+            f"{output_dir} is not empty and holds no preparation by hf_kd (no {MANIFEST_NAME}): {listed}. Give a new "
+            "or empty folder; hf_kd never deletes files it did not write"
+        )
+    return None
+
+
+def _remove(output_dir: Path, shards: set[str], keep_records: bool = False) -> None:
+    """Removes the given shards of an earlier preparation (and their temporary files) and, unless `keep_records`,
+    the index and manifest it wrote."""
+    names = [*shards, *(f"{name}.tmp" for name in shards)]
+    if not keep_records:
+        names += [INDEX_NAME, f"{INDEX_NAME}.tmp.npz", MANIFEST_NAME, f"{MANIFEST_NAME}.tmp"]
+    for name in names:
+        (output_dir / name).unlink(missing_ok=True)
+
+
+def _write_json(path: Path, content: Mapping[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=1))
+    os.replace(tmp, path)
 
 
 def load_prepared_coco_detection(
@@ -221,6 +284,7 @@ def _load_or_parse(
     output_dir: Path,
     image_dir: str | os.PathLike | None,
     on_invalid: OnInvalid,
+    verify_images: bool,
     fingerprint: Mapping[str, Any],
     progress: bool,
 ) -> CocoDetectionSource:
@@ -250,7 +314,9 @@ def _load_or_parse(
             logger.warning("%s: unreadable, parsing the json again (%s)", index_path, error)
     if progress:
         tqdm.write(f"Parsing and validating {annotation_file} ...")
-    source = read_coco_detection(annotation_file, image_dir, on_invalid=on_invalid)
+    source = read_coco_detection(
+        annotation_file, image_dir, on_invalid=on_invalid, verify_images=verify_images, progress=progress
+    )
     meta = {
         "fingerprint": dict(fingerprint),
         "image_dir": os.path.abspath(source.image_dir),
