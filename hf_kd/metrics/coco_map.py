@@ -45,7 +45,8 @@ Args:
     predictions: one dict per image: `image_id` (int), `boxes` ((n, 4) absolute xyxy in original image pixels, as
         returned by `post_process_object_detection` with the original sizes), `scores` (n,), `labels` (n,)
         contiguous labels 0..C-1. An image without detections is passed with empty lists; the images evaluated are
-        the image ids passed.
+        the image ids passed. Scores and boxes must be finite: a `ValueError` names the image of a NaN or infinite
+        one (the two backends would otherwise score it differently).
     references: only without `ground_truth`: one dict per image with the ground-truth objects as the data sources
         yield them: `image_id`, `bbox` ((m, 4) COCO [x, y, w, h] pixels), `category` (m,), `area` (m,) and
         `iscrowd` (m,) (see `coco_reference`).

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 def pack_detections(detections: list[dict[str, torch.Tensor]], max_detections: int) -> torch.Tensor:
     """Per-image detections (`boxes`, `scores`, `labels`, best first) as one `(B, max_detections, 6)` tensor of
-    `x1, y1, x2, y2, score, label`; empty rows have score -1."""
+    `x1, y1, x2, y2, score, label`; empty rows are -1 throughout (a detection's label is never negative), and
+    non-finite scores and boxes are kept as they are, for [`coco_compute_metrics`] to count."""
     device = detections[0]["scores"].device if detections else None
     packed = torch.full((len(detections), max_detections, 6), -1.0, device=device)
     for index, image in enumerate(detections):
@@ -70,7 +71,8 @@ def coco_compute_metrics(
     here); the main process computes the metrics (`CocoDetectionMAP.evaluate_predictions` with `backend`) and
     broadcasts them to the other processes, which the Trainer also calls after gathering, so every process returns
     the same numbers while only one holds the ground truth and runs COCOeval. The first entry of a repeated image id
-    (padding of the last distributed batch) is used.
+    (padding of the last distributed batch) is used. Detections with a non-finite score or box are left out, logged
+    and counted in `num_nonfinite_detections` (`eval_num_nonfinite_detections` in the Trainer's metrics).
     """
     if isinstance(ground_truth, (str, os.PathLike)) and not os.path.isfile(ground_truth):
         raise FileNotFoundError(f"COCO ground truth not found: {ground_truth}")
@@ -83,7 +85,16 @@ def coco_compute_metrics(
             )
         metric = cache["metric"]
         image_ids, packed = unpack_detections(prediction.predictions, prediction.label_ids)
-        keep = packed[:, :, 4] >= 0
+        keep = packed[:, :, 5] >= 0
+        nonfinite = keep & ~np.isfinite(packed[:, :, :5]).all(axis=2)
+        if nonfinite.any():
+            logger.warning(
+                "%d detections with a non-finite score or box (image ids %s) are left out of the COCO metrics "
+                "(num_nonfinite_detections)",
+                int(nonfinite.sum()),
+                image_ids[nonfinite.any(axis=1)][:10].tolist(),
+            )
+        keep &= ~nonfinite
         rows = packed[keep]
         category_ids = sorted(metric.ground_truth.getCatIds())
         detections = DetectionArrays.from_xyxy(
@@ -96,6 +107,7 @@ def coco_compute_metrics(
         results = metric.evaluate_predictions(detections, image_ids=image_ids.tolist())
         metrics = {name: results[name] for name in COCO_STAT_NAMES}
         metrics.update({f"map_class_{name}": value for name, value in results["map_per_class"].items()})
+        metrics["num_nonfinite_detections"] = int(nonfinite.sum())
         return metrics
 
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:

@@ -13,12 +13,26 @@ import numpy as np
 @dataclass(frozen=True)
 class DetectionArrays:
     """COCO results as arrays: `image_ids`, `category_ids` (the dataset's ids), `boxes` ((n, 4) float64 COCO
-    [x, y, w, h]) and `scores` (float64), in the order a results list would have them."""
+    [x, y, w, h]) and `scores` (float64), in the order a results list would have them.
+
+    Scores and boxes must be finite (a `ValueError` names the image otherwise): pycocotools and the numpy backend
+    would rank and match NaN differently, and neither result would mean anything.
+    """
 
     image_ids: np.ndarray
     category_ids: np.ndarray
     boxes: np.ndarray
     scores: np.ndarray
+
+    def __post_init__(self):
+        finite = np.isfinite(self.scores) & np.isfinite(self.boxes).all(axis=1)
+        if not finite.all():
+            k = int(np.argmin(finite))
+            raise ValueError(
+                f"image id {int(self.image_ids[k])}: a detection has a non-finite score or box (score "
+                f"{self.scores[k]}, COCO box {self.boxes[k].tolist()}); {int((~finite).sum())} non-finite detections "
+                "in all: predictions must be finite"
+            )
 
     @classmethod
     def from_predictions(
