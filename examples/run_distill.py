@@ -26,21 +26,25 @@ from dataclasses import dataclass, field
 
 import datasets
 import transformers
+from accelerate import PartialState
 from transformers import AutoModelForObjectDetection, HfArgumentParser
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_kd import DenseDetectorPreTrainedModel
 from hf_kd.data import (
+    DetectionCategories,
     DetectionCollator,
+    DetectionDataError,
     DetectionTransform,
+    check_same_categories,
     configure_training_process_memory,
     find_coco_annotation_file,
     get_id2label,
-    load_coco_detection,
     load_detection_dataset,
     load_prepared_coco_detection,
     prepare_coco_detection,
+    read_coco_detection,
 )
 from hf_kd.distill import DistillationArguments, DistillationTrainer, find_resumable_checkpoint
 from hf_kd.metrics import build_coco_ground_truth, coco_compute_metrics
@@ -133,6 +137,22 @@ class DataArguments:
     flip_prob: float = field(default=0.5, metadata={"help": "Random horizontal flip probability in training."})
     color_jitter: float = field(default=0.0, metadata={"help": "Brightness/contrast/saturation jitter (0: off)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N images only."})
+    on_invalid: str = field(
+        default="error",
+        metadata={
+            "help": "Unusable images or annotations in any split (unreadable, truncated or 16-bit images, malformed "
+            "boxes, unknown categories, ...), found before training: stop with an error naming them (error), or "
+            "leave them out, logged and counted (skip).",
+            "choices": ("error", "skip"),
+        },
+    )
+    verify_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Check every image file of every split before training (header and end marker, in threads), "
+            "so that an unreadable image is found up front; --no_verify_images leaves it to the first decode."
+        },
+    )
 
 
 def hub_load_kwargs(data_args: DataArguments) -> dict:
@@ -143,14 +163,53 @@ def hub_load_kwargs(data_args: DataArguments) -> dict:
     }
 
 
-def load_evaluation_split(data_args: DataArguments, split: str):
-    """A map-style evaluation dataset and its COCO ground truth (the annotation file itself for a COCO folder)."""
-    if data_args.data_dir is not None:
-        ground_truth = str(find_coco_annotation_file(data_args.data_dir, split))
-        dataset = load_coco_detection(ground_truth, streaming=False)
+def validation_kwargs(data_args: DataArguments) -> dict:
+    """How every split is validated: invalid entries raised or skipped, image files checked, a progress bar."""
+    return {
+        "on_invalid": "skip" if data_args.on_invalid == "skip" else "raise",
+        "verify_images": data_args.verify_images,
+        "progress": PartialState().is_local_main_process,
+    }
+
+
+def check_not_empty(
+    dataset: datasets.Dataset | datasets.IterableDataset, where: str, data_args: DataArguments
+) -> None:
+    """Raises unless the dataset has an image (a streamed one is read up to its first example)."""
+    if isinstance(dataset, datasets.Dataset):
+        empty = len(dataset) == 0
     else:
-        ground_truth = None
-        dataset = load_detection_dataset(data_args.dataset_name, split, streaming=False, **hub_load_kwargs(data_args))
+        empty = next(iter(dataset.remove_columns("image").take(1)), None) is None
+    if empty:
+        skipped = " (after skipping the invalid ones, --on_invalid skip)" if data_args.on_invalid == "skip" else ""
+        raise DetectionDataError(f"{where} has no images{skipped}: nothing to train on or evaluate.")
+
+
+def load_evaluation_split(
+    data_args: DataArguments, split: str, train_categories: dict[str, DetectionCategories] | None = None
+):
+    """A map-style evaluation dataset and its COCO ground truth (the annotation file itself for a COCO folder without
+    skipped entries), validated; with `train_categories` (the training split's, by its name), an error unless the
+    split's categories are the same."""
+    if data_args.data_dir is not None:
+        source = read_coco_detection(
+            find_coco_annotation_file(data_args.data_dir, split), **validation_kwargs(data_args)
+        )
+        dataset, categories, where = source.to_dataset(), source.categories, str(source.annotation_file)
+        ground_truth = None if source.report.num_invalid else where
+    else:
+        dataset = load_detection_dataset(
+            data_args.dataset_name,
+            split,
+            streaming=False,
+            **hub_load_kwargs(data_args),
+            **validation_kwargs(data_args),
+        )
+        categories = DetectionCategories.from_id2label(get_id2label(dataset))
+        where, ground_truth = f"{data_args.dataset_name} split {split!r}", None
+    if train_categories is not None:
+        check_same_categories({**train_categories, where: categories})
+    check_not_empty(dataset, where, data_args)
     if data_args.max_eval_samples is not None:
         dataset = dataset.select(range(min(data_args.max_eval_samples, len(dataset))))
         ground_truth = None
@@ -160,32 +219,56 @@ def load_evaluation_split(data_args: DataArguments, split: str):
 
 
 def load_data(data_args: DataArguments, training_args: DistillationArguments):
-    """Training and evaluation datasets, `id2label`, and the evaluation ground truth (COCO json path or dict)."""
+    """Training and evaluation datasets, `id2label`, the evaluation ground truth (COCO json path or dict) and the
+    test split's `(dataset, ground truth)` (or None).
+
+    Every split is validated before training (images checked with `--verify_images`, invalid entries raised or
+    skipped as `--on_invalid` says); an empty split, or splits with other categories, are errors.
+    """
     if (data_args.data_dir is None) == (data_args.dataset_name is None):
         raise ValueError("Give exactly one of --data_dir (local COCO folder) and --dataset_name (Hub dataset).")
+    validation = validation_kwargs(data_args)
     if data_args.prepared_dir is not None:
         if data_args.data_dir is None:
             raise ValueError("--prepared_dir prepares a local COCO folder: give --data_dir.")
         annotation_file = find_coco_annotation_file(data_args.data_dir, data_args.train_split)
         with training_args.main_process_first(desc="preparing the training set"):  # the others reuse its shards
             prepared = prepare_coco_detection(
-                annotation_file, data_args.prepared_dir, num_shards=data_args.num_shards, split=data_args.train_split
+                annotation_file,
+                data_args.prepared_dir,
+                num_shards=data_args.num_shards,
+                split=data_args.train_split,
+                **validation,
             )
-        train_dataset = load_prepared_coco_detection(prepared)
+        train_dataset, categories = load_prepared_coco_detection(prepared), prepared.categories
+        where = str(annotation_file)
     elif data_args.data_dir is not None:
-        train_dataset = load_coco_detection(
-            data_args.data_dir, data_args.train_split, streaming=data_args.streaming, num_shards=data_args.num_shards
-        )
+        annotation_file = find_coco_annotation_file(data_args.data_dir, data_args.train_split)
+        source = read_coco_detection(annotation_file, **validation)
+        if data_args.streaming:
+            train_dataset = source.to_iterable_dataset(data_args.num_shards)
+        else:
+            train_dataset = source.to_dataset()
+        categories, where = source.categories, str(source.annotation_file)
     else:
         train_dataset = load_detection_dataset(
-            data_args.dataset_name, data_args.train_split, streaming=data_args.streaming, **hub_load_kwargs(data_args)
+            data_args.dataset_name,
+            data_args.train_split,
+            streaming=data_args.streaming,
+            **hub_load_kwargs(data_args),
+            **validation,
         )
-    eval_dataset = ground_truth = None
+        categories = DetectionCategories.from_id2label(get_id2label(train_dataset))
+        where = f"{data_args.dataset_name} split {data_args.train_split!r}"
+    check_not_empty(train_dataset, where, data_args)
+    eval_dataset = ground_truth = test_split = None
     if data_args.eval_split:
-        eval_dataset, ground_truth = load_evaluation_split(data_args, data_args.eval_split)
+        eval_dataset, ground_truth = load_evaluation_split(data_args, data_args.eval_split, {where: categories})
+    if data_args.test_split:
+        test_split = load_evaluation_split(data_args, data_args.test_split, {where: categories})
     if isinstance(train_dataset, datasets.IterableDataset):
         train_dataset = train_dataset.shuffle(seed=training_args.seed, buffer_size=1000)
-    return train_dataset, eval_dataset, get_id2label(train_dataset), ground_truth
+    return train_dataset, eval_dataset, get_id2label(train_dataset), ground_truth, test_split
 
 
 def build_student(
@@ -263,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
 
-    train_dataset, eval_dataset, id2label, ground_truth = load_data(data_args, training_args)
+    train_dataset, eval_dataset, id2label, ground_truth, test_split = load_data(data_args, training_args)
     teacher = None
     if training_args.kd_method != "none":
         if model_args.teacher_model_name_or_path is None:
@@ -334,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     if data_args.test_split:
-        test_dataset, test_ground_truth = load_evaluation_split(data_args, data_args.test_split)
+        test_dataset, test_ground_truth = test_split
         trainer.compute_metrics = coco_compute_metrics(test_ground_truth, id2label)
         test_metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
         trainer.log_metrics("test", test_metrics)
