@@ -916,3 +916,32 @@ def test_prepared_training_set_trains_from_parquet_shards(coco_dir, teacher_dir,
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "loss_cls_kd" in entry] == [1, 2]
     assert set(COCO_STAT_NAMES) <= {name.removeprefix("eval_") for name in metrics}
+
+
+def test_evaluation_counts_and_reports_nan_predictions(coco_dir, student_dir, tmp_path, caplog):
+    """A model whose outputs turn NaN on some priors: the evaluation reports how many (a warning and
+    `eval_num_nonfinite_predictions`) instead of losing them silently in the post-processing."""
+    data_args = run_distill.DataArguments(data_dir=str(coco_dir), max_eval_samples=4)
+    eval_dataset, ground_truth = run_distill.load_evaluation_split(data_args, "val")
+    model = load_quietly(student_dir)[0]
+    processor = GFLImageProcessor(size={"shortest_edge": 128, "longest_edge": 160})
+    arguments = {"kd_method": "none", "use_cpu": True, "report_to": "none", "per_device_eval_batch_size": 2}
+    trainer = DistillationTrainer(
+        model=model,
+        args=DistillationArguments(output_dir=str(tmp_path), eval_score_threshold=0.001, **arguments),
+        eval_dataset=eval_dataset,
+        data_collator=run_distill.DetectionCollator(processor),
+        compute_metrics=coco_compute_metrics(ground_truth, get_id2label(eval_dataset)),
+    )
+    forward = type(model).forward
+
+    def nan_on_ten_priors(self, *args, **kwargs):
+        outputs = forward(self, *args, **kwargs)
+        outputs.logits[0, :10] = float("nan")
+        return outputs
+
+    assert trainer.evaluate()["eval_num_nonfinite_predictions"] == 0
+    with mock.patch.object(type(model), "forward", nan_on_ten_priors), caplog.at_level(logging.WARNING):
+        metrics = trainer.evaluate()
+    assert metrics["eval_num_nonfinite_predictions"] == 20  # 10 in the first image of each of the 2 batches
+    assert "20 predictions (priors) were NaN or infinite" in caplog.text

@@ -97,6 +97,7 @@ class DistillationTrainer(Trainer):
         self.add_callback(self._stop_on_signal)
         self._loss_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._loss_counts = defaultdict(int)
+        self._nonfinite_predictions = 0  # evaluation priors whose outputs are NaN or infinite, on the device
         self._last_step = None  # the last training forward's outputs and labels, checked after its backward pass
 
     # ---- Training -----------------------------------------------------------------------------------------------
@@ -217,6 +218,14 @@ class DistillationTrainer(Trainer):
                     logs[f"{prefix}{name}"] = round(mean.item(), 6)
                 self._loss_sums[split] = {}
                 self._loss_counts[split] = 0
+        if "eval_loss" in logs and torch.is_tensor(self._nonfinite_predictions):
+            count = int(self.accelerator.reduce(self._nonfinite_predictions, reduction="sum").item())
+            logs["eval_num_nonfinite_predictions"] = count
+            if count:
+                logger.warning(
+                    "Evaluation: %d predictions (priors) were NaN or infinite and found no detection.", count
+                )
+            self._nonfinite_predictions = 0
         super().log(logs, start_time)
 
     # ---- Evaluation ---------------------------------------------------------------------------------------------
@@ -235,6 +244,8 @@ class DistillationTrainer(Trainer):
             return loss, None, None
         if labels is None:
             raise ValueError("Evaluation batches need `labels` (with `image_id`, `orig_size`) for COCO metrics.")
+        finite = outputs.logits.isfinite().all(-1) & outputs.pred_boxes.isfinite().all(-1)
+        self._nonfinite_predictions = self._nonfinite_predictions + (~finite).sum()
         detections = self._image_processor().post_process_object_detection(
             outputs,
             threshold=0.0,
