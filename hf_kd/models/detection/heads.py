@@ -92,7 +92,10 @@ def flatten_levels(level_maps: list[torch.Tensor], channels_per_prior: int) -> t
     """Per-level `(B, A * C, H, W)` maps to one `(B, sum H * W * A, C)` tensor: levels concatenated, locations
     row-major, the `A` priors of a location together (channel `a * C + c`)."""
     return torch.cat(
-        [level_map.permute(0, 2, 3, 1).reshape(len(level_map), -1, channels_per_prior) for level_map in level_maps],
+        [
+            level_map.permute(0, 2, 3, 1).reshape(level_map.shape[0], -1, channels_per_prior)
+            for level_map in level_maps
+        ],
         dim=1,
     )
 

@@ -71,8 +71,8 @@ def valid_flags(
         valid_w = torch.div(padded[:, 1] + stride - 1, stride, rounding_mode="floor")
         rows = torch.arange(height, device=image_sizes.device)[None, :, None] < valid_h[:, None, None]
         cols = torch.arange(width, device=image_sizes.device)[None, None, :] < valid_w[:, None, None]
-        location_valid = (rows & cols).reshape(len(image_sizes), -1, 1)
-        masks.append(location_valid.expand(-1, -1, priors_per_location).reshape(len(image_sizes), -1))
+        location_valid = (rows & cols).reshape(image_sizes.shape[0], -1, 1)
+        masks.append(location_valid.expand(-1, -1, priors_per_location).reshape(image_sizes.shape[0], -1))
     return torch.cat(masks, dim=1)
 
 
