@@ -8,15 +8,18 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import timm
 import torch
 from golden_utils import FEATURE_TOLERANCE
+from huggingface_hub import HfApi
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 from hf_kd import FCOSConfig, FCOSForObjectDetection, convert_mmdet_checkpoint
+from hf_kd.convert import mmdet
 from hf_kd.models.detection import FAMILIES
 
 FAMILY_DIRS = {"gfl": ".", "retinanet": "retinanet", "fcos": "fcos", "atss": "atss"}
@@ -80,6 +83,45 @@ def test_convert_cli(golden_dir, tmp_path):
     assert config["model_type"] == "gfl" and len(config["id2label"]) == 3 and config["reg_max"] == 16
     model = AutoModelForObjectDetection.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(*level0_logits(golden_dir, "gfl", model), **FEATURE_TOLERANCE)
+
+
+def test_convert_writes_a_card_and_pushes_the_folder_without_the_token(golden_dir, tmp_path, capsys):
+    """The card names the source checkpoint by its file name and MMDetection version (no local path); an output folder
+    with files hf_kd did not write is refused; `--push_to_hub` uploads the folder (a mocked Hub) without the token."""
+    meta = {"dataset_meta": {"classes": CLASSES}, "mmdet_version": "3.3.0"}
+    checkpoint = save_mmdet(tmp_path / "gfl_r18.pth", golden_student_state_dict(golden_dir, "gfl"), meta)
+    user_dir = tmp_path / "user"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no hf_kd detector"):
+        mmdet.main([str(checkpoint), str(user_dir)])
+    assert [path.name for path in user_dir.iterdir()] == ["notes.txt"]
+
+    token = "hf_SecretTokenThatMustNotLeave0123456789"
+    uploaded = {}
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
+        uploaded.update(repo_id=repo_id, files={path.name: path.read_bytes() for path in Path(folder_path).iterdir()})
+        return mock.Mock(commit_url=f"https://huggingface.co/{repo_id}/commit/1")
+
+    out = tmp_path / "out"
+    create_repo = mock.Mock(return_value=mock.Mock(repo_id="user/gfl-r18"))
+    with (
+        mock.patch.object(HfApi, "create_repo", create_repo),
+        mock.patch.object(HfApi, "upload_folder", upload_folder),
+    ):
+        arguments = ["--push_to_hub", "--hub_model_id", "user/gfl-r18", "--hub_token", token]
+        mmdet.main([str(checkpoint), str(out), *arguments])
+        mmdet.main([str(checkpoint), str(out), *arguments])  # a conversion's folder is converted into again
+    assert "Pushed to https://huggingface.co/user/gfl-r18/commit/1" in capsys.readouterr().out
+    create_repo.assert_called_with("user/gfl-r18", private=False, exist_ok=True)
+    assert uploaded["repo_id"] == "user/gfl-r18"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(uploaded["files"])
+    assert not any(token.encode() in content for content in uploaded["files"].values())
+    card = uploaded["files"]["README.md"].decode()
+    assert "pipeline_tag: object-detection" in card and "library_name: transformers" in card
+    assert "`gfl_r18.pth` (MMDetection 3.3.0)" in card and 'model="user/gfl-r18"' in card
+    assert "GFL with a timm `resnet18` backbone" in card and str(tmp_path) not in card
 
 
 def test_convert_safetensors_state_dict_takes_num_labels_from_the_head(golden_dir):

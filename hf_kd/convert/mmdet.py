@@ -2,20 +2,23 @@
 (model + image processor). The family, the widths, the number of classes and a standard ResNet backbone are read
 from the checkpoint.
 
-python -m hf_kd.convert.mmdet gfl_r50_fpn_1x_coco.pth out_dir
+hf-kd-convert gfl_r50_fpn_1x_coco.pth out_dir [--push_to_hub --hub_model_id user/gfl_r50_fpn_1x_coco]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi
 from safetensors.torch import load_file
 
+from ..model_card import build_conversion_card
 from ..models.detection import FAMILIES, DenseDetectorConfig, DenseDetectorPreTrainedModel
 
 # (MMDetection key pattern, hf_kd replacement); keys matching nothing are an error.
@@ -35,6 +38,8 @@ KEY_RULES = (
 IGNORED_KEYS = (r"^bbox_head\.integral\.project$",)
 # The classification predictor of each family, which tells the family of a checkpoint.
 CLASSIFIERS = {"gfl": "gfl_cls", "retinanet": "retina_cls", "fcos": "conv_cls", "atss": "atss_cls"}
+# Library versions an MMDetection checkpoint's `meta` records, named in the model card.
+VERSION_KEYS = {"MMDetection": "mmdet_version", "MMEngine": "mmengine_version"}
 # Blocks per ResNet stage -> timm name, for BasicBlock (False) and Bottleneck (True) ResNets.
 RESNETS = {
     (False, (2, 2, 2, 2)): "resnet18",
@@ -187,17 +192,38 @@ def check_backbone_style(
         )
 
 
+def check_output_dir(output_dir: str | Path) -> None:
+    """Refuses an `output_dir` with files that hf_kd did not write: it must be new, empty, or hold an hf_kd
+    detector (a previous conversion), whose files a conversion replaces."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return
+    try:
+        model_type = json.loads((output_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    if model_type not in FAMILIES:
+        raise FileExistsError(
+            f"{output_dir} is not empty and holds no hf_kd detector: the conversion would overwrite files hf_kd did "
+            "not write. Give a new or empty folder."
+        )
+
+
 def convert_mmdet_checkpoint(
     checkpoint_path: str | Path,
     output_dir: str | Path | None = None,
     config: DenseDetectorConfig | None = None,
     backbone_style: str | None = None,
+    repo_id: str | None = None,
     **config_kwargs,
 ) -> DenseDetectorPreTrainedModel:
     """Builds a detector of the checkpoint's family from an MMDetection checkpoint and, with `output_dir`, saves it
-    there with the family's image processor. Without `config`, the config is read from the checkpoint (see
-    [`config_from_state_dict`]) with `config_kwargs` overriding; `id2label` defaults to the checkpoint's class names.
-    `backbone_style` (`"pytorch"` or `"caffe"`) states a Bottleneck ResNet's style where the checkpoint does not."""
+    there with the family's image processor and a model card (naming the model `repo_id`, default the folder's name).
+    Without `config`, the config is read from the checkpoint (see [`config_from_state_dict`]) with `config_kwargs`
+    overriding; `id2label` defaults to the checkpoint's class names. `backbone_style` (`"pytorch"` or `"caffe"`)
+    states a Bottleneck ResNet's style where the checkpoint does not."""
+    if output_dir is not None:
+        check_output_dir(output_dir)
     state_dict, meta = load_mmdet_checkpoint(checkpoint_path)
     config = config or config_from_state_dict(state_dict, meta, **config_kwargs)
     check_backbone_style(config, state_dict, meta, backbone_style)
@@ -208,30 +234,54 @@ def convert_mmdet_checkpoint(
     if output_dir is not None:
         model.save_pretrained(output_dir)
         processor_class().save_pretrained(output_dir)
+        versions = {name: str(meta[key]) for name, key in VERSION_KEYS.items() if meta.get(key)}
+        repo = repo_id or os.path.basename(os.path.normpath(output_dir))
+        card = build_conversion_card(config, repo, Path(checkpoint_path).name, versions)
+        card.save(os.path.join(output_dir, "README.md"))
     return model
 
 
-def main() -> None:
+def push_converted(output_dir: str | Path, repo_id: str, token: str | None = None, private: bool = False) -> str:
+    """Uploads a converted folder to the Hub repository `repo_id` (created if needed); returns the commit's URL. The
+    token (default: the logged-in one) is used for the upload only."""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=output_dir, commit_message="Convert an MMDetection checkpoint with hf_kd"
+    )
+    return commit.commit_url
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`hf-kd-convert`: converts a checkpoint into a folder (and pushes it to the Hub)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="MMDetection checkpoint (.pth with state_dict/meta, or .safetensors)")
-    parser.add_argument("output_dir", help="where to write the save_pretrained folder")
+    parser.add_argument("output_dir", help="where to write the save_pretrained folder (new, empty or a conversion)")
     parser.add_argument("--backbone", help="timm backbone name (default: the standard ResNet the checkpoint holds)")
     parser.add_argument(
         "--backbone_kwargs", help='JSON keyword arguments of timm.create_model, e.g. {"stem_width": 32}'
     )
     parser.add_argument("--backbone_style", choices=("pytorch", "caffe"), help="a Bottleneck ResNet's style")
     parser.add_argument("--num_labels", type=int, help="default: from the checkpoint")
-    args = parser.parse_args()
+    parser.add_argument("--push_to_hub", action="store_true", help="upload the folder to the Hub")
+    parser.add_argument("--hub_model_id", help="Hub repository (default: the output folder's name)")
+    parser.add_argument("--hub_token", help="Hub token (default: the logged-in one); written nowhere")
+    parser.add_argument("--hub_private_repo", action="store_true", help="create the repository private")
+    args = parser.parse_args(argv)
     config_kwargs = {key: getattr(args, key) for key in ("backbone", "num_labels") if getattr(args, key) is not None}
     if args.backbone_kwargs:
         config_kwargs["backbone_kwargs"] = json.loads(args.backbone_kwargs)
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
     model = convert_mmdet_checkpoint(
-        args.checkpoint, args.output_dir, backbone_style=args.backbone_style, **config_kwargs
+        args.checkpoint, args.output_dir, backbone_style=args.backbone_style, repo_id=repo_id, **config_kwargs
     )
     print(
         f"Converted {args.checkpoint} ({model.config.model_type}, {model.config.backbone}, "
         f"{model.num_parameters():,} parameters) to {args.output_dir}"
     )
+    if args.push_to_hub:
+        url = push_converted(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
+        print(f"Pushed to {url}")
 
 
 if __name__ == "__main__":

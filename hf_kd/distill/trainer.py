@@ -17,13 +17,13 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 
 from ..metrics import pack_detections
+from ..model_card import build_model_card, card_arguments
 from ..models.detection import FAMILIES
 from ..models.detection.ground_truth import check_ground_truth
 from ..models.detection.modeling_dense import DenseDetectorPreTrainedModel
 from .arguments import DistillationArguments
 from .checkpoints import StopOnSignal, arguments_without_token, checkpoint_problem, find_resumable_checkpoint
 from .distiller import DetectionDistiller
-from .model_card import build_model_card, card_arguments
 
 logger = logging.getLogger(__name__)
 

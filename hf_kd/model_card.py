@@ -1,5 +1,6 @@
-"""The model card of a detector trained by [`DistillationTrainer`]: what it is and how to use it, the teacher and the
-method, the optimizer and schedule actually used, and the COCO numbers in the model index. It names no local path."""
+"""Model cards of hf_kd detectors: for one trained by [`DistillationTrainer`], what it is and how to use it, the
+teacher and the method, the optimizer and schedule actually used, and the COCO numbers in the model index; for one
+converted from MMDetection, its source. They name no local path."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..metrics import COCO_STAT_NAMES
+from .metrics import COCO_STAT_NAMES
 
 FAMILY_NAMES = {"gfl": "GFL", "retinanet": "RetinaNet", "fcos": "FCOS", "atss": "ATSS"}
 PAPERS = {
@@ -64,6 +65,47 @@ def describe_training(trainer) -> list[str]:
     ]
 
 
+def usage_lines(repo: str) -> list[str]:
+    """The card's usage section: the detector in a pipeline, with hf_kd and with the model's own code."""
+    return [
+        "## Usage",
+        "",
+        "```python",
+        "import hf_kd  # registers GFL, RetinaNet, FCOS and ATSS with transformers' Auto classes",
+        "from transformers import pipeline",
+        "",
+        f'detector = pipeline("object-detection", model="{repo}")',
+        'detections = detector("image.jpg", threshold=0.3)',
+        "```",
+        "",
+        "Without hf_kd installed, the model's own code runs with "
+        f'`pipeline("object-detection", model="{repo}", trust_remote_code=True)`.',
+    ]
+
+
+def build_conversion_card(config, repo: str, checkpoint_name: str, versions: dict[str, str]) -> ModelCard:
+    """The card of a detector converted from the MMDetection checkpoint file `checkpoint_name`, with the library
+    `versions` its metadata records."""
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="object-detection",
+        tags=sorted({"hf_kd", "object-detection", "mmdetection", config.model_type}),
+        model_name=repo,
+    )
+    source = ", ".join(f"{name} {version}" for name, version in sorted(versions.items()))
+    lines = [
+        f"# {repo}",
+        "",
+        f"An object detector: {describe_detector(config)}. Converted with [hf_kd](https://github.com/hf-kd/hf_kd) "
+        f"from the MMDetection checkpoint `{checkpoint_name}`{f' ({source})' if source else ''}: the same weights, "
+        "and the same outputs as MMDetection 3.3 (hf_kd's parity tests). The weights' licence is the source "
+        "checkpoint's.",
+        "",
+        *usage_lines(repo),
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
 def build_model_card(
     trainer, dataset: str | None = None, tags: list[str] | None = None, finetuned_from: str | None = None
 ) -> ModelCard:
@@ -112,18 +154,7 @@ def build_model_card(
         f"An object detector: {describe_detector(student.config)}; {start} on {dataset_name} with "
         "[hf_kd](https://github.com/hf-kd/hf_kd).",
         "",
-        "## Usage",
-        "",
-        "```python",
-        "import hf_kd  # registers GFL, RetinaNet, FCOS and ATSS with transformers' Auto classes",
-        "from transformers import pipeline",
-        "",
-        f'detector = pipeline("object-detection", model="{repo}")',
-        'detections = detector("image.jpg", threshold=0.3)',
-        "```",
-        "",
-        "Without hf_kd installed, the model's own code runs with "
-        f'`pipeline("object-detection", model="{repo}", trust_remote_code=True)`.',
+        *usage_lines(repo),
         "",
         "## Training",
         "",
@@ -148,4 +179,4 @@ def card_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-__all__ = ["build_model_card", "describe_detector"]
+__all__ = ["build_conversion_card", "build_model_card", "describe_detector", "usage_lines"]
