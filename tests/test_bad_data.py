@@ -3,13 +3,10 @@
 other categories, files listed twice, non-numeric Hub boxes, non-finite predictions, and a prepared folder that
 holds a user's files)."""
 
-import importlib
 import io
 import json
 import logging
 import re
-import sys
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -17,6 +14,7 @@ import PIL.Image
 import pytest
 from transformers import EvalPrediction, HfArgumentParser
 
+from hf_kd.cli import train as run_distill  # what examples/run_distill.py and hf-kd-train run
 from hf_kd.data import (
     DetectionDataError,
     DetectionTransform,
@@ -28,9 +26,6 @@ from hf_kd.data import (
 from hf_kd.data.image_files import image_problem
 from hf_kd.data.prepared import MANIFEST_NAME
 from hf_kd.metrics import CocoDetectionMAP, coco_compute_metrics
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-run_distill = importlib.import_module("run_distill")
 
 CATEGORIES = [{"id": 1, "name": "cell"}, {"id": 2, "name": "dot"}]
 
@@ -136,7 +131,7 @@ def test_run_distill_checks_every_split_before_training(tmp_path, capsys):
     for split, image in (("val", "11"), ("test", "21")):  # the test split is evaluated only after training
         (tmp_path / "images" / f"{image}.jpg").write_bytes(_jpeg_bytes()[:-300])
         with pytest.raises(DetectionDataError, match=rf"instances_{split}\.json[\s\S]*image id {image}: cannot"):
-            run_distill.main(_main_args(tmp_path, "--eval_split", "val", "--test_split", "test"))
+            run_distill.run(_main_args(tmp_path, "--eval_split", "val", "--test_split", "test"))
         assert not (tmp_path / "out").exists()  # nothing trained, nothing saved
         if split == "val":
             (tmp_path / "images" / "11.jpg").write_bytes(_jpeg_bytes())
@@ -207,13 +202,13 @@ def test_annotation_file_without_annotations_is_an_error_and_an_empty_list_a_war
 def test_empty_training_split_is_an_error_before_training(tmp_path):
     _write_split(tmp_path, "instances_train", 0)
     with pytest.raises(DetectionDataError, match=r"instances_train\.json has no images: nothing to train"):
-        run_distill.main(_main_args(tmp_path, "--eval_split", ""))
+        run_distill.run(_main_args(tmp_path, "--eval_split", ""))
     assert not (tmp_path / "out").exists()
 
     _write_split(tmp_path, "instances_train", 1)
     (tmp_path / "images" / "1.jpg").write_bytes(b"")  # its only image is skipped
     with pytest.raises(DetectionDataError, match=r"has no images \(after skipping the invalid ones"):
-        run_distill.main(_main_args(tmp_path, "--eval_split", "", "--on_invalid", "skip"))
+        run_distill.run(_main_args(tmp_path, "--eval_split", "", "--on_invalid", "skip"))
     assert not (tmp_path / "out").exists()
 
 

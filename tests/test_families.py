@@ -4,7 +4,6 @@ process without hf_kd, the object-detection pipeline, overfitting real photos on
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -24,14 +23,13 @@ from pycocotools.cocoeval import COCOeval
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForObjectDetection, pipeline
 
+from hf_kd.cli import train as run_distill  # what examples/run_distill.py and hf-kd-train run
 from hf_kd.data.synthetic import CLASS_NAMES, generate_synthetic_coco
 from hf_kd.distill import DetectionDistiller
 from hf_kd.models.detection import FAMILIES
 from hf_kd.models.detection.box_ops import box_iou
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_DIR / "examples"))
-run_distill = importlib.import_module("run_distill")
 
 # coco128 images with one large object each (category ids: 24 zebra, 18 dog, 5 airplane, 23 bear)
 OVERFIT_IMAGE_IDS = (34, 42, 81, 502)
@@ -324,7 +322,7 @@ def test_crosskd_through_run_distill(coco_dir, tmp_path, family):
     """A new ResNet-18 student of the teacher's family, 2 CrossKD steps with the family's losses, evaluation, and a
     saved student of that family."""
     teacher = save_teacher(tmp_path / "teacher", family, backbone="resnet18")
-    metrics = run_distill.main(distill_args(coco_dir, tmp_path / "out", teacher))
+    metrics = run_distill.run(distill_args(coco_dir, tmp_path / "out", teacher))
     logged = [entry for entry in json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]]
     train = [entry for entry in logged if "loss" in entry]
     assert [entry["step"] for entry in train] == [1, 2]
@@ -339,12 +337,12 @@ def test_a_student_of_another_family_is_an_error_before_training(coco_dir, tmp_p
     other = next(family for family in FAMILIES if family != "gfl")
     args = distill_args(coco_dir, tmp_path / "out", teacher, "--student_architecture", other)
     with pytest.raises(ValueError, match=f"--student_architecture {other} differs from the teacher's family"):
-        run_distill.main(args)
+        run_distill.run(args)
     student = tmp_path / "student"
     tiny_detector(other, id2label=dict(enumerate(CLASS_NAMES))).save_pretrained(student)
     args = distill_args(coco_dir, tmp_path / "out", teacher, "--model_name_or_path", str(student))
     with pytest.raises(ValueError, match=f"student is a '{other}' detector and the teacher a 'gfl' one"):
-        run_distill.main(args)
+        run_distill.run(args)
 
 
 SWIN = {"backbone": "swin_tiny_patch4_window7_224", "backbone_kwargs": {"strict_img_size": False}}
@@ -371,7 +369,7 @@ def test_heterogeneous_crosskd_swin_teacher_resnet_student(coco_dir, tmp_path):
     head widths, through run_distill.py."""
     family = "retinanet"
     teacher = save_teacher(tmp_path / "teacher", family, **SWIN)
-    run_distill.main(distill_args(coco_dir, tmp_path / "out", teacher))
+    run_distill.run(distill_args(coco_dir, tmp_path / "out", teacher))
     train = [
         e for e in json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"] if "loss" in e
     ]
@@ -412,7 +410,7 @@ def test_gradient_checkpointing_through_run_distill(coco_dir, tmp_path):
         enabled.append(distiller.student.head.gradient_checkpointing and distiller.student.backbone.grad_checkpointing)
 
     with mock.patch.object(DetectionDistiller, "activation_checkpointing_enable", record):
-        run_distill.main(distill_args(coco_dir, tmp_path / "out", teacher, "--gradient_checkpointing"))
+        run_distill.run(distill_args(coco_dir, tmp_path / "out", teacher, "--gradient_checkpointing"))
     assert enabled == [True]
     train = [
         e for e in json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"] if "loss" in e

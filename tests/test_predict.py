@@ -1,7 +1,6 @@
-"""examples/predict.py: PNG and JSON per image, EXIF orientation, folders, unreadable files, same-stem inputs and
+"""hf-kd-predict (`hf_kd.cli.predict`, `examples/predict.py`): PNG and JSON per image, EXIF orientation, folders, unreadable files, same-stem inputs and
 readable labels."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,10 +21,9 @@ EXIF_ORIENTATION = 0x0112
 
 @pytest.fixture(scope="module")
 def predict():
-    spec = importlib.util.spec_from_file_location("predict_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from hf_kd.cli import predict
+
+    return predict
 
 
 @pytest.fixture(scope="module")

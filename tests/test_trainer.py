@@ -12,7 +12,6 @@ arguments.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import logging
@@ -37,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForObjectDetection, TrainerCallback, pipeline
 
 from hf_kd import GFLConfig, GFLForObjectDetection, GFLImageProcessor
+from hf_kd.cli import train as run_distill  # what examples/run_distill.py and hf-kd-train run
 from hf_kd.data import get_id2label
 from hf_kd.data.synthetic import CLASS_NAMES, generate_synthetic_coco
 from hf_kd.distill import DetectionDistiller, DistillationArguments, DistillationTrainer
@@ -48,8 +48,6 @@ from hf_kd.models.detection.modeling_gfl import GFLLoss
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(REPO_DIR / "examples"))
-run_distill = importlib.import_module("run_distill")
 
 ID2LABEL = dict(enumerate(CLASS_NAMES))
 NUM_TRAIN, NUM_VAL = 16, 8
@@ -144,12 +142,12 @@ def run_distill_recorded(
     kill_after_save_step: int | None = None,
     terminate_at_step: int | None = None,
 ) -> dict[str, float]:
-    """`run_distill.main(argv)` with a [`RecordingTrainer`] (also the entry point of the subprocess driver)."""
+    """`run_distill.run(argv)` with a [`RecordingTrainer`] (also the entry point of the subprocess driver)."""
     attributes = {"record_dir": None if record_dir is None else str(record_dir)}
     attributes.update(kill_after_save_step=kill_after_save_step, terminate_at_step=terminate_at_step)
     trainer_class = type("RecordingTrainerRun", (RecordingTrainer,), attributes)
     with mock.patch.object(run_distill, "DistillationTrainer", trainer_class):
-        return run_distill.main(argv)
+        return run_distill.run(argv)
 
 
 DRIVER = """\
@@ -370,9 +368,9 @@ def preset_run(coco_dir, teacher_dir, tmp_path_factory):
                 hub = FakeHub(tmp_path_factory.mktemp("hub"))
                 with hub.patch():
                     push = ["--push_to_hub", "--hub_model_id", HUB_MODEL_ID, "--hub_token", HUB_TOKEN]
-                    metrics = run_distill.main(args + push)
+                    metrics = run_distill.run(args + push)
             else:
-                metrics = run_distill.main(args)
+                metrics = run_distill.run(args)
             runs[method] = (output_dir, metrics, hub)
         return runs[method]
 
@@ -481,7 +479,7 @@ def test_mismatched_or_missing_teacher_is_a_clear_error_before_training(coco_dir
         mock.patch.object(DistillationTrainer, "train", side_effect=AssertionError("training started")),
         pytest.raises((ValueError, OSError), match=message),
     ):
-        run_distill.main(args)
+        run_distill.run(args)
     assert not output_dir.exists() or not any(output_dir.iterdir())
 
 
@@ -573,7 +571,7 @@ def test_non_finite_loss_stops_training_naming_step_and_component(coco_dir, teac
         mock.patch.object(DetectionDistiller, "kd_loss_maps", nan_on_second_step),
         pytest.raises(FloatingPointError, match=r"step 2 .*: loss_cls_kd \(here nan\)\. ") as error,
     ):
-        run_distill.main(args)
+        run_distill.run(args)
     assert "loss_loc_kd" not in str(error.value) and len(calls) == 2
 
 
@@ -739,12 +737,12 @@ def test_overwrite_output_dir_starts_afresh_and_keeps_other_files(coco_dir, teac
     output_dir = tmp_path / "out"
     args = interruption_args(coco_dir, teacher_dir, student_dir, output_dir, "--save_steps", "2")
     args[args.index("--max_steps") + 1] = "2"
-    run_distill.main(args)
+    run_distill.run(args)
     assert (output_dir / "checkpoint-2" / "trainer_state.json").is_file()
     (output_dir / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="Cannot resume from .*nowhere: no readable trainer_state.json"):
-        run_distill.main(args + ["--resume_from_checkpoint", str(tmp_path / "nowhere")])
-    run_distill.main(args + ["--overwrite_output_dir"])
+        run_distill.run(args + ["--resume_from_checkpoint", str(tmp_path / "nowhere")])
+    run_distill.run(args + ["--overwrite_output_dir"])
     assert [entry["step"] for entry in train_logs(output_dir)] == [1, 2]  # from step 0, not resumed at 2
     assert (output_dir / "notes.txt").read_text() == "mine"
 
@@ -759,8 +757,8 @@ def test_student_with_other_classes_is_an_error_or_reheaded(coco_dir, tmp_path):
         mock.patch.object(DistillationTrainer, "train", side_effect=AssertionError("training started")),
         pytest.raises(ValueError, match=r"student's classes .* differ from the dataset's .*--ignore_mismatched_sizes"),
     ):
-        run_distill.main(args)
-    run_distill.main(args + ["--ignore_mismatched_sizes"])
+        run_distill.run(args)
+    run_distill.run(args + ["--ignore_mismatched_sizes"])
     model, _ = load_quietly(tmp_path / "out")
     assert model.config.id2label == ID2LABEL and model.head.gfl_cls.out_channels == len(ID2LABEL)
 
@@ -864,7 +862,7 @@ def test_bf16_autocast_runs_teacher_and_student_in_bf16_with_float32_losses(
         mock.patch.object(DetectionDistiller, "kd_loss_maps", recording_loss_maps(kd_loss_maps)),
         mock.patch.object(GFLLoss, "loss_maps", recording_loss_maps(detection_loss_maps)),
     ):
-        metrics = run_distill.main(args)
+        metrics = run_distill.run(args)
 
     teacher_calls = [c for c in calls if c["model"] == str(teacher_dir)]
     student_calls = [c for c in calls if c["model"] == str(student_dir) and c["training"]]
@@ -909,7 +907,7 @@ def test_prepared_training_set_trains_from_parquet_shards(coco_dir, teacher_dir,
     prepared_dir, output_dir = tmp_path / "prepared", tmp_path / "run"
     args = base_args(coco_dir, output_dir, "--kd_method", "crosskd", "--teacher_model_name_or_path", str(teacher_dir))
     args += ["--prepared_dir", str(prepared_dir), "--num_shards", "2", "--max_steps", "2", "--save_strategy", "no"]
-    metrics = run_distill.main(args + ["--max_eval_samples", "2"])
+    metrics = run_distill.run(args + ["--max_eval_samples", "2"])
     assert len(list(prepared_dir.glob("train-*.parquet"))) == 2
     manifest = json.loads((prepared_dir / "hf_kd_prepared.json").read_text())
     assert manifest["counts"]["images"] == NUM_TRAIN

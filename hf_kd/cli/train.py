@@ -1,8 +1,9 @@
-"""Distill (or train) a dense detector (GFL, RetinaNet, FCOS, ATSS) with hf_kd.
+"""Distill, train or evaluate a dense detector (GFL, RetinaNet, FCOS, ATSS) with hf_kd: `hf-kd-train` (or
+`examples/run_distill.py`), and `hf-kd-eval` for evaluation alone.
 
 Distill a ResNet-18 student from a teacher on a local COCO folder, on every GPU, in bf16:
 
-    accelerate launch examples/run_distill.py \
+    accelerate launch -m hf_kd.cli.train \
         --teacher_model_name_or_path path/to/teacher --kd_method crosskd \
         --student_backbone resnet18 --data_dir path/to/coco --train_split train2017 --eval_split val2017 \
         --output_dir outputs/crosskd_r18 --max_steps 90000 --per_device_train_batch_size 2 --paper_recipe \
@@ -10,11 +11,14 @@ Distill a ResNet-18 student from a teacher on a local COCO folder, on every GPU,
 
 The student is of the teacher's family (`--student_architecture` chooses it for a new student without a teacher). Train a
 teacher or a baseline: `--kd_method none` (no teacher). A dataset on the Hub in the `objects` layout:
-`--dataset_name NAME` (streamed). All arguments can also come from a JSON file: `run_distill.py config.json`.
+`--dataset_name NAME` (streamed). All arguments can also come from a JSON file, followed by options that override it:
+`hf-kd-train configs/crosskd_gfl_r101_r50_coco.json --data_dir /data/coco`. Evaluate a saved detector alone:
+`hf-kd-train --do_eval --model_name_or_path CKPT --data_dir ... --eval_split val` (or `hf-kd-eval ...`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,253 +26,20 @@ import os
 import shutil
 import signal
 import sys
-from dataclasses import dataclass, field
 
-import datasets
 import transformers
-from accelerate import PartialState
-from transformers import AutoModelForObjectDetection, HfArgumentParser
+from transformers import AutoModelForObjectDetection
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hf_kd import DenseDetectorPreTrainedModel
-from hf_kd.data import (
-    DetectionCategories,
-    DetectionCollator,
-    DetectionDataError,
-    DetectionTransform,
-    check_same_categories,
-    configure_training_process_memory,
-    find_coco_annotation_file,
-    get_id2label,
-    load_detection_dataset,
-    load_prepared_coco_detection,
-    prepare_coco_detection,
-    read_coco_detection,
-)
-from hf_kd.distill import DistillationArguments, DistillationTrainer, find_resumable_checkpoint
-from hf_kd.metrics import build_coco_ground_truth, coco_compute_metrics
-from hf_kd.models.detection import FAMILIES
+from ..data import DetectionCollator, DetectionTransform, configure_training_process_memory, get_id2label
+from ..distill import DetectionDistiller, DistillationArguments, DistillationTrainer, find_resumable_checkpoint
+from ..metrics import coco_compute_metrics
+from ..models.detection import FAMILIES, DenseDetectorPreTrainedModel
+from .arguments import DataArguments, ModelArguments, parse_arguments
+from .data import load_data, load_evaluation_split
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelArguments:
-    teacher_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Teacher GFL detector (folder or Hub id); needed unless --kd_method none."}
-    )
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Start the student from this saved detector instead of building a new one."}
-    )
-    student_architecture: str | None = field(
-        default=None,
-        metadata={
-            "help": "Detector family of a new student, with MMDetection's defaults for it. Default: the teacher's "
-            "(a student of another family is an error), else gfl.",
-            "choices": tuple(FAMILIES),
-        },
-    )
-    student_backbone: str = field(default="resnet18", metadata={"help": "timm backbone of a new student."})
-    student_backbone_kwargs: str | None = field(
-        default=None,
-        metadata={"help": 'JSON keyword arguments of timm.create_model, e.g. {"strict_img_size": false} for Swin.'},
-    )
-    student_fpn_channels: int | None = field(default=None, metadata={"help": "Default: the teacher's (or 256)."})
-    student_head_channels: int | None = field(default=None, metadata={"help": "Default: the teacher's (or 256)."})
-    student_stacked_convs: int | None = field(default=None, metadata={"help": "Default: the teacher's (or 4)."})
-    student_norm_groups: int | None = field(
-        default=None,
-        metadata={"help": "GroupNorm groups of the head. Default: gcd(head width, the teacher's groups or 32)."},
-    )
-    backbone_checkpoint: str | None = field(
-        default=None, metadata={"help": "Local timm weights (.pth/.safetensors) for the new student's backbone."}
-    )
-    pretrained_backbone: bool = field(
-        default=False, metadata={"help": "Download timm's ImageNet weights for the new student's backbone (Hub)."}
-    )
-    backbone_frozen_stages: int = field(default=1, metadata={"help": "Frozen stem + first N stages (-1: none)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code for Hub models."})
-    ignore_mismatched_sizes: bool = field(
-        default=False,
-        metadata={
-            "help": "--model_name_or_path with other classes than the dataset's: take the dataset's classes and "
-            "start the classifier afresh (transformers' ignore_mismatched_sizes)."
-        },
-    )
-
-
-@dataclass
-class DataArguments:
-    data_dir: str | None = field(
-        default=None, metadata={"help": "Local COCO folder (instances_<split>.json or annotations*.json + images)."}
-    )
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset in the `objects` layout."})
-    train_split: str = field(default="train")
-    eval_split: str | None = field(default="val", metadata={"help": "Evaluation split; empty to skip evaluation."})
-    test_split: str | None = field(
-        default=None, metadata={"help": "Also evaluate the final model on this split (metrics prefixed test_)."}
-    )
-    streaming: bool = field(default=True, metadata={"help": "Stream the training set (IterableDataset)."})
-    prepared_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "COCO-size local datasets: prepare the training json once into parquet shards in this folder "
-            "(resumable, counts verified) and stream from them, with memory that does not grow with the dataset."
-        },
-    )
-    num_shards: int | None = field(
-        default=None,
-        metadata={
-            "help": "Local COCO folder: shards of the streamed training set (a multiple of processes x dataloader "
-            "workers; default: one per image, at most 512)."
-        },
-    )
-    column_mapping: str | None = field(
-        default=None, metadata={"help": 'JSON mapping of our column names to the dataset\'s, e.g. {"bbox": "box"}.'}
-    )
-    box_format: str = field(default="xywh", metadata={"help": "Hub datasets: xywh, xyxy or cxcywh."})
-    normalized_boxes: bool = field(default=False, metadata={"help": "Hub datasets: boxes relative to image size."})
-    shortest_edge: int = field(default=800, metadata={"help": "Resize: shortest edge (MMDetection: 800)."})
-    longest_edge: int = field(default=1333, metadata={"help": "Resize: longest edge cap (MMDetection: 1333)."})
-    multi_scale_min: int | None = field(
-        default=None, metadata={"help": "Train with the shortest edge drawn from [multi_scale_min, shortest_edge]."}
-    )
-    flip_prob: float = field(default=0.5, metadata={"help": "Random horizontal flip probability in training."})
-    color_jitter: float = field(default=0.0, metadata={"help": "Brightness/contrast/saturation jitter (0: off)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N images only."})
-    on_invalid: str = field(
-        default="error",
-        metadata={
-            "help": "Unusable images or annotations in any split (unreadable, truncated or 16-bit images, malformed "
-            "boxes, unknown categories, ...), found before training: stop with an error naming them (error), or "
-            "leave them out, logged and counted (skip).",
-            "choices": ("error", "skip"),
-        },
-    )
-    verify_images: bool = field(
-        default=True,
-        metadata={
-            "help": "Check every image file of every split before training (header and end marker, in threads), "
-            "so that an unreadable image is found up front; --no_verify_images leaves it to the first decode."
-        },
-    )
-
-
-def hub_load_kwargs(data_args: DataArguments) -> dict:
-    return {
-        "column_mapping": json.loads(data_args.column_mapping) if data_args.column_mapping else None,
-        "box_format": data_args.box_format,
-        "normalized_boxes": data_args.normalized_boxes,
-    }
-
-
-def validation_kwargs(data_args: DataArguments) -> dict:
-    """How every split is validated: invalid entries raised or skipped, image files checked, a progress bar."""
-    return {
-        "on_invalid": "skip" if data_args.on_invalid == "skip" else "raise",
-        "verify_images": data_args.verify_images,
-        "progress": PartialState().is_local_main_process,
-    }
-
-
-def check_not_empty(
-    dataset: datasets.Dataset | datasets.IterableDataset, where: str, data_args: DataArguments
-) -> None:
-    """Raises unless the dataset has an image (a streamed one is read up to its first example)."""
-    if isinstance(dataset, datasets.Dataset):
-        empty = len(dataset) == 0
-    else:
-        empty = next(iter(dataset.remove_columns("image").take(1)), None) is None
-    if empty:
-        skipped = " (after skipping the invalid ones, --on_invalid skip)" if data_args.on_invalid == "skip" else ""
-        raise DetectionDataError(f"{where} has no images{skipped}: nothing to train on or evaluate.")
-
-
-def load_evaluation_split(
-    data_args: DataArguments, split: str, train_categories: dict[str, DetectionCategories] | None = None
-):
-    """A map-style evaluation dataset and its COCO ground truth (the annotation file itself for a COCO folder without
-    skipped entries), validated; with `train_categories` (the training split's, by its name), an error unless the
-    split's categories are the same."""
-    if data_args.data_dir is not None:
-        source = read_coco_detection(
-            find_coco_annotation_file(data_args.data_dir, split), **validation_kwargs(data_args)
-        )
-        dataset, categories, where = source.to_dataset(), source.categories, str(source.annotation_file)
-        ground_truth = None if source.report.num_invalid else where
-    else:
-        dataset = load_detection_dataset(
-            data_args.dataset_name,
-            split,
-            streaming=False,
-            **hub_load_kwargs(data_args),
-            **validation_kwargs(data_args),
-        )
-        categories = DetectionCategories.from_id2label(get_id2label(dataset))
-        where, ground_truth = f"{data_args.dataset_name} split {split!r}", None
-    if train_categories is not None:
-        check_same_categories({**train_categories, where: categories})
-    check_not_empty(dataset, where, data_args)
-    if data_args.max_eval_samples is not None:
-        dataset = dataset.select(range(min(data_args.max_eval_samples, len(dataset))))
-        ground_truth = None
-    if ground_truth is None:
-        ground_truth = build_coco_ground_truth(dataset.remove_columns("image"), get_id2label(dataset))
-    return dataset, ground_truth
-
-
-def load_data(data_args: DataArguments, training_args: DistillationArguments):
-    """Training and evaluation datasets, `id2label`, the evaluation ground truth (COCO json path or dict) and the
-    test split's `(dataset, ground truth)` (or None).
-
-    Every split is validated before training (images checked with `--verify_images`, invalid entries raised or
-    skipped as `--on_invalid` says); an empty split, or splits with other categories, are errors.
-    """
-    if (data_args.data_dir is None) == (data_args.dataset_name is None):
-        raise ValueError("Give exactly one of --data_dir (local COCO folder) and --dataset_name (Hub dataset).")
-    validation = validation_kwargs(data_args)
-    if data_args.prepared_dir is not None:
-        if data_args.data_dir is None:
-            raise ValueError("--prepared_dir prepares a local COCO folder: give --data_dir.")
-        annotation_file = find_coco_annotation_file(data_args.data_dir, data_args.train_split)
-        with training_args.main_process_first(desc="preparing the training set"):  # the others reuse its shards
-            prepared = prepare_coco_detection(
-                annotation_file,
-                data_args.prepared_dir,
-                num_shards=data_args.num_shards,
-                split=data_args.train_split,
-                **validation,
-            )
-        train_dataset, categories = load_prepared_coco_detection(prepared), prepared.categories
-        where = str(annotation_file)
-    elif data_args.data_dir is not None:
-        annotation_file = find_coco_annotation_file(data_args.data_dir, data_args.train_split)
-        source = read_coco_detection(annotation_file, **validation)
-        if data_args.streaming:
-            train_dataset = source.to_iterable_dataset(data_args.num_shards)
-        else:
-            train_dataset = source.to_dataset()
-        categories, where = source.categories, str(source.annotation_file)
-    else:
-        train_dataset = load_detection_dataset(
-            data_args.dataset_name,
-            data_args.train_split,
-            streaming=data_args.streaming,
-            **hub_load_kwargs(data_args),
-            **validation,
-        )
-        categories = DetectionCategories.from_id2label(get_id2label(train_dataset))
-        where = f"{data_args.dataset_name} split {data_args.train_split!r}"
-    check_not_empty(train_dataset, where, data_args)
-    eval_dataset = ground_truth = test_split = None
-    if data_args.eval_split:
-        eval_dataset, ground_truth = load_evaluation_split(data_args, data_args.eval_split, {where: categories})
-    if data_args.test_split:
-        test_split = load_evaluation_split(data_args, data_args.test_split, {where: categories})
-    if isinstance(train_dataset, datasets.IterableDataset):
-        train_dataset = train_dataset.shuffle(seed=training_args.seed, buffer_size=1000)
-    return train_dataset, eval_dataset, get_id2label(train_dataset), ground_truth, test_split
 
 
 def build_student(
@@ -280,7 +51,10 @@ def build_student(
     if model_args.model_name_or_path is not None:
         if not model_args.ignore_mismatched_sizes:
             student = AutoModelForObjectDetection.from_pretrained(
-                model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+                model_args.model_name_or_path,
+                revision=model_args.revision,
+                trust_remote_code=model_args.trust_remote_code,
+                **model_args.hub_kwargs(),
             )
             if student.config.id2label != id2label:
                 raise ValueError(
@@ -291,7 +65,9 @@ def build_student(
             return student
         return AutoModelForObjectDetection.from_pretrained(
             model_args.model_name_or_path,
+            revision=model_args.revision,
             trust_remote_code=model_args.trust_remote_code,
+            **model_args.hub_kwargs(),
             id2label=id2label,
             label2id={name: index for index, name in id2label.items()},
             ignore_mismatched_sizes=True,
@@ -336,32 +112,72 @@ def remove_checkpoints(output_dir: str) -> None:
             shutil.rmtree(path)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, DistillationArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(argv[0])
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+def log_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: DistillationArguments) -> None:
+    """Logs the process (rank, device, precision) and every argument that differs from its default, tokens hidden."""
+    logger.warning(
+        "Process %d of %d, device %s, precision %s%s",
+        training_args.process_index,
+        training_args.world_size,
+        training_args.device,
+        "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
+        f", teacher {training_args.teacher_dtype}" if training_args.teacher_dtype else "",
+    )
+    changed = []
+    for arguments in (model_args, data_args, training_args):
+        defaults = type(arguments)(**({"output_dir": arguments.output_dir} if arguments is training_args else {}))
+        for item in dataclasses.fields(arguments):
+            value = getattr(arguments, item.name)
+            if item.init and value != getattr(defaults, item.name):
+                value = "<hidden>" if item.name.endswith("token") else getattr(value, "value", value)  # enums
+                changed.append(f"{item.name}={value}")
+    logger.info("Arguments (those not at their default): %s", ", ".join(changed))
+
+
+def evaluation_only(training_args: DistillationArguments) -> bool:
+    """Whether the run only evaluates: `--do_eval` and/or `--do_predict` without `--do_train` (and without an
+    evaluation strategy, which sets `do_eval` for a training run)."""
+    asked = training_args.do_eval or training_args.do_predict
+    return asked and not training_args.do_train and training_args.eval_strategy == "no"
+
+
+def load_teacher(model_args: ModelArguments, training_args: DistillationArguments, id2label: dict):
+    """The teacher of `--kd_method` (None for `none`), checked against the dataset's classes."""
+    if training_args.kd_method == "none":
+        return None
+    if model_args.teacher_model_name_or_path is None:
+        raise ValueError(f"--kd_method {training_args.kd_method} needs --teacher_model_name_or_path.")
+    try:
+        teacher = AutoModelForObjectDetection.from_pretrained(
+            model_args.teacher_model_name_or_path,
+            revision=model_args.teacher_revision,
+            trust_remote_code=model_args.trust_remote_code,
+            **model_args.hub_kwargs(),
+        )
+    except OSError as error:
+        raise OSError(
+            f"Cannot load the teacher {model_args.teacher_model_name_or_path!r} (--teacher_model_name_or_path): "
+            f"not a folder saved with save_pretrained, nor a model on the Hub. {error}"
+        ) from error
+    if teacher.config.id2label != id2label:
+        raise ValueError(f"The teacher's classes {teacher.config.id2label} differ from the dataset's {id2label}.")
+    return teacher
+
+
+def run(argv: list[str]) -> dict[str, float]:
+    """Distils (or trains) a detector, evaluates it on `--eval_split` (and `--test_split`), saves it with its model
+    card (and pushes it); with `--do_eval` / `--do_predict` alone, evaluates the `--model_name_or_path` detector.
+    Returns the evaluation metrics."""
+    model_args, data_args, training_args = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
+    log_arguments(model_args, data_args, training_args)
+    if evaluation_only(training_args):
+        return evaluate(model_args, data_args, training_args)
 
-    train_dataset, eval_dataset, id2label, ground_truth, test_split = load_data(data_args, training_args)
-    teacher = None
-    if training_args.kd_method != "none":
-        if model_args.teacher_model_name_or_path is None:
-            raise ValueError(f"--kd_method {training_args.kd_method} needs --teacher_model_name_or_path.")
-        try:
-            teacher = AutoModelForObjectDetection.from_pretrained(
-                model_args.teacher_model_name_or_path, trust_remote_code=model_args.trust_remote_code
-            )
-        except OSError as error:
-            raise OSError(
-                f"Cannot load the teacher {model_args.teacher_model_name_or_path!r} (--teacher_model_name_or_path): "
-                f"not a folder saved with save_pretrained, nor a model on the Hub. {error}"
-            ) from error
-        if teacher.config.id2label != id2label:
-            raise ValueError(f"The teacher's classes {teacher.config.id2label} differ from the dataset's {id2label}.")
+    train_dataset, eval_dataset, id2label, ground_truth, test_split = load_data(
+        data_args, training_args, model_args.hub_kwargs()
+    )
+    teacher = load_teacher(model_args, training_args, id2label)
     student = build_student(model_args, teacher, id2label)
 
     image_processor = FAMILIES[student.config.model_type][2](
@@ -440,6 +256,60 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     else:
         trainer.create_model_card(**card)
     return metrics
+
+
+def evaluate(model_args: ModelArguments, data_args: DataArguments, training_args: DistillationArguments) -> dict:
+    """Evaluates the saved detector `--model_name_or_path` on `--eval_split` (`--do_eval`) and `--test_split`
+    (`--do_predict`): the COCO numbers, logged and saved (`eval_results.json`, `test_results.json`); no training set,
+    no teacher, no `--max_steps`."""
+    if model_args.model_name_or_path is None:
+        raise ValueError(
+            "--do_eval / --do_predict without --do_train evaluate a saved detector: give --model_name_or_path."
+        )
+    splits = {"eval": data_args.eval_split if training_args.do_eval else None}
+    splits["test"] = data_args.test_split if training_args.do_predict else None
+    if not any(splits.values()):
+        raise ValueError("Nothing to evaluate: --do_eval needs --eval_split, --do_predict --test_split.")
+    model = AutoModelForObjectDetection.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.revision,
+        trust_remote_code=model_args.trust_remote_code,
+        **model_args.hub_kwargs(),
+    )
+    image_processor = FAMILIES[model.config.model_type][2](
+        size={"shortest_edge": data_args.shortest_edge, "longest_edge": data_args.longest_edge}
+    )
+    trainer = DistillationTrainer(
+        model=DetectionDistiller(model),
+        args=training_args,
+        data_collator=DetectionCollator(image_processor),
+        processing_class=image_processor,
+    )
+    metrics = {}
+    for prefix, split in splits.items():
+        if not split:
+            continue
+        dataset, ground_truth = load_evaluation_split(data_args, split, hub=model_args.hub_kwargs())
+        if get_id2label(dataset) != model.config.id2label:
+            raise ValueError(
+                f"The detector's classes {model.config.id2label} differ from split {split!r}'s {get_id2label(dataset)}."
+            )
+        trainer.compute_metrics = coco_compute_metrics(ground_truth, model.config.id2label)
+        split_metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
+        trainer.log_metrics(prefix, split_metrics)
+        trainer.save_metrics(prefix, split_metrics)
+        metrics.update(split_metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`hf-kd-train` and `examples/run_distill.py`: `run` on the command line's arguments."""
+    run(sys.argv[1:] if argv is None else argv)
+
+
+def evaluate_main(argv: list[str] | None = None) -> None:
+    """`hf-kd-eval`: `run` with `--do_eval` (the COCO numbers of a saved detector on `--eval_split`)."""
+    run(["--do_eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
 from .config import KD_METHODS, DistillationConfig
 
@@ -20,6 +21,10 @@ class DistillationArguments(TrainingArguments):
     needs every column), `eval_do_concat_batches=False` and `eval_use_gather_object=True` (detections and image ids
     are gathered per batch), `accelerator_config={"dispatch_batches": False}` (every process reads its own shard of a
     streaming dataset; dispatching garbles list-of-dict labels) and `ddp_find_unused_parameters=False`.
+
+    The default recipe trains a dense detector from an ImageNet backbone without tuning: AdamW at lr 1e-4 (for any
+    batch size) with weight decay 0.05, a 500-step linear warm-up, cosine decay to 0, and 12 epochs (MMDetection's
+    "1x" length; set `max_steps` for a streamed dataset). `paper_recipe` switches to the papers' SGD schedule.
     """
 
     kd_method: str = field(
@@ -67,6 +72,12 @@ class DistillationArguments(TrainingArguments):
             "0.9, weight decay 1e-4, 500-step linear warm-up from 0.001x, lr x0.1 at 8/12 and 11/12 of max_steps."
         },
     )
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW's learning rate (not --paper_recipe)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW's weight decay (not --paper_recipe)."})
+    lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "Schedule after the warm-up."})
+    warmup_steps: float = field(default=500, metadata={"help": "Linear warm-up steps (a value < 1: a ratio)."})
+    num_train_epochs: float = field(default=12, metadata={"help": "Epochs when max_steps is not set (1x: 12)."})
+    logging_steps: float = field(default=50, metadata={"help": "Log the losses every N steps."})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
