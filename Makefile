@@ -2,27 +2,29 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-all lint clean
 
-$(STAMP): pyproject.toml
+$(BIN)/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
-	touch $(STAMP)
 
-demo: $(STAMP)
+# hf_kd with an extra, reinstalled when pyproject.toml changes
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/pip
+	$(BIN)/pip install --quiet -e ".[$*]"
+	touch $@
+
+demo: $(VENV)/.installed-demo
 	$(BIN)/python examples/demo.py --output_dir outputs/demo
 
-test: $(STAMP)
+test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-test-all: $(STAMP)
+test-all: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m "slow or not slow"
 
-lint: $(STAMP)
+lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

@@ -1,6 +1,6 @@
 """Run a saved object detector on images; write each image with its labelled boxes (PNG) and its detections (JSON).
 
-    python examples/predict.py --model DIR PATH [PATH ...] [--out out/] [--threshold 0.3] [--batch_size 8]
+    hf-kd-predict --model DIR PATH [PATH ...] [--out out/] [--threshold 0.3] [--batch_size 8]
 
 `DIR` is a `save_pretrained` folder (model + image processor), e.g. from `python -m hf_kd.convert.mmdet` or training.
 A `PATH` is an image file or a folder, whose image files (extensions of torchvision's `ImageFolder`: .jpg, .jpeg,
@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-import hf_kd  # noqa: F401  (registers the detectors with the transformers Auto classes)
+from ..models import detection  # noqa: F401  (registers the detectors with the transformers Auto classes)
 
 PALETTE = (
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -125,7 +125,7 @@ def place_tags(
 
 def draw_detections(image: Image.Image, records: list[dict]) -> Image.Image:
     """A copy of `image` with a box and a "label score" tag per detection (as given by `detections_to_records`, best
-    first). Font, line width and padding scale with sqrt(width * height); boxes are drawn best last (on top) and the
+    first; a record with score None, e.g. the ground truth, gets its label alone). Font, line width and padding scale with sqrt(width * height); boxes are drawn best last (on top) and the
     tags after all boxes, placed by `place_tags` so that a better detection's tag is never covered."""
     canvas = image.copy()
     draw = ImageDraw.Draw(canvas)
@@ -138,7 +138,7 @@ def draw_detections(image: Image.Image, records: list[dict]) -> Image.Image:
 
     if not records:
         return canvas
-    texts = [f"{record['label']} {record['score']:.2f}" for record in records]
+    texts = [record["label"] + ("" if record["score"] is None else f" {record['score']:.2f}") for record in records]
     text_boxes = [draw.textbbox((0, 0), text, font=font) for text in texts]
     text_top, text_bottom = min(box[1] for box in text_boxes), max(box[3] for box in text_boxes)  # one tag height
     corners = [(math.floor(record["box"][0]), math.floor(record["box"][1])) for record in records]
