@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 from hf_kd.cli.predict import detections_to_records, draw_detections, predict
@@ -43,6 +44,7 @@ SETTINGS = {
     "frozen_stages": 3,
 }
 PANEL_SIZE = 320  # pixels of the longer side of each image in comparison.png
+HEADER = 30  # pixels of the column titles' row
 
 
 def common_arguments(data_dir: Path, output_dir: Path, steps: int, args: argparse.Namespace) -> list[str]:
@@ -109,10 +111,11 @@ def scaled(image: Image.Image, records: list[dict]) -> tuple[Image.Image, list[d
 def draw_comparison(
     output_dir: Path, data_dir: Path, models: dict[str, Path], num_images: int, threshold: float
 ) -> Path:
-    """`comparison.png`: the first validation images, one per row, with the ground truth and each model's
-    detections above `threshold` side by side."""
+    """`comparison.png`: the first `num_images` validation images with at least 3 objects, one per row, with the
+    ground truth and each model's detections above `threshold` side by side."""
     coco = json.loads((data_dir / "instances_val.json").read_text())
-    images = coco["images"][:num_images]
+    objects = Counter(annotation["image_id"] for annotation in coco["annotations"])
+    images = [image for image in coco["images"] if objects[image["id"]] >= 3][:num_images]
     truth = ground_truth_records(data_dir / "instances_val.json", [image["id"] for image in images])
     pictures = [Image.open(data_dir / "images" / image["file_name"]).convert("RGB") for image in images]
     columns = {"ground truth": [truth[image["id"]] for image in images]}
@@ -125,10 +128,13 @@ def draw_comparison(
         [draw_detections(*scaled(picture, column[row])) for column in columns.values()]
         for row, picture in enumerate(pictures)
     ]
-    sheet = Image.new("RGB", (PANEL_SIZE * len(columns), PANEL_SIZE * len(panels)), (255, 255, 255))
+    sheet = Image.new("RGB", (PANEL_SIZE * len(columns), HEADER + PANEL_SIZE * len(panels)), (255, 255, 255))
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default(size=HEADER * 2 // 3)
+    for column, title in enumerate(columns):
+        draw.text((column * PANEL_SIZE + PANEL_SIZE // 2, HEADER // 2), title, fill=(0, 0, 0), font=font, anchor="mm")
     for row, row_panels in enumerate(panels):
         for column, panel in enumerate(row_panels):
-            sheet.paste(panel, (column * PANEL_SIZE, row * PANEL_SIZE))
+            sheet.paste(panel, (column * PANEL_SIZE, HEADER + row * PANEL_SIZE))
     path = output_dir / "comparison.png"
     sheet.save(path, optimize=True)
     return path
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         metrics = run_distill([*method, *common])
         results[name] = {column: 100 * metrics[f"eval_{column}"] for column in COLUMNS}
 
-    models = {"alone": alone, "CrossKD": crosskd}
+    models = {"student alone": alone, "student with CrossKD": crosskd}
     picture = draw_comparison(output_dir, data_dir, models, args.picture_images, args.picture_threshold)
     lines = [
         f"COCO box metrics (x100) on the synthetic validation split ({data_dir / 'instances_val.json'}); both students "

@@ -1,8 +1,8 @@
 """hf_kd: knowledge distillation (CrossKD, BCKD, PKD) for dense object detectors with timm backbones.
 
 `import hf_kd` registers the detectors with the transformers Auto classes and imports torch, transformers and timm
-only; the data, metrics, distillation and conversion tools (datasets, evaluate, pandas, the Trainer) are imported on
-first use of one of their names.
+only; the data, metrics, distillation, conversion and export tools (datasets, evaluate, pandas, the Trainer) are
+imported on first use of one of their names.
 """
 
 import importlib
@@ -63,6 +63,7 @@ _LAZY_NAMES = {
         ".distill",
     ),
     **dict.fromkeys(("CocoDetectionMAP", "build_coco_ground_truth", "coco_reference"), ".metrics"),
+    **dict.fromkeys(("DetectionPostProcessor", "export_onnx"), ".export"),
 }
 
 

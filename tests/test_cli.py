@@ -55,7 +55,7 @@ def config_run(coco_dir, teacher_dir, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def test_console_scripts_are_declared_and_installed():
-    assert set(SCRIPTS) == {"hf-kd-train", "hf-kd-eval", "hf-kd-predict", "hf-kd-convert"}
+    assert set(SCRIPTS) == {"hf-kd-train", "hf-kd-eval", "hf-kd-predict", "hf-kd-convert", "hf-kd-export"}
     for target in SCRIPTS.values():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function)), target
@@ -66,7 +66,7 @@ def test_console_scripts_are_declared_and_installed():
     assert {entry.name: entry.value for entry in installed if entry.group == "console_scripts"} == SCRIPTS
 
 
-@pytest.mark.parametrize("script", ["hf-kd-train", "hf-kd-eval", "hf-kd-predict", "hf-kd-convert"])
+@pytest.mark.parametrize("script", ["hf-kd-train", "hf-kd-eval", "hf-kd-predict", "hf-kd-convert", "hf-kd-export"])
 def test_help_works_and_lists_hf_kd_options_before_the_trainers(script, capsys):
     module, function = SCRIPTS[script].split(":")
     with pytest.raises(SystemExit) as exit_info:

@@ -54,6 +54,6 @@ def test_demo_trains_three_models_prints_the_table_and_draws_the_comparison(demo
     printed = capsys.readouterr().out
     assert all(f"| {name} |" in printed for name in names)
     with Image.open(tmp_path / "comparison.png") as picture:  # 2 rows of ground truth | alone | CrossKD
-        assert picture.size == (3 * demo.PANEL_SIZE, 2 * demo.PANEL_SIZE)
+        assert picture.size == (3 * demo.PANEL_SIZE, demo.HEADER + 2 * demo.PANEL_SIZE)
     for run in ("teacher", "student_alone", "student_crosskd"):
         assert (tmp_path / run / "model.safetensors").is_file()
