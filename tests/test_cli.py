@@ -14,6 +14,7 @@ from unittest import mock
 
 import pytest
 import tomllib
+import torch
 from test_trainer import base_args, save_detector
 from transformers import pipeline
 
@@ -277,3 +278,28 @@ def test_arguments_summary_hides_tokens(caplog):
     (summary,) = [message for message in caplog.messages if message.startswith("Arguments")]
     assert "kd_method=bckd" in summary and "token=<hidden>" in summary and "hub_token=<hidden>" in summary
     assert "hf_abc" not in caplog.text and "hf_def" not in caplog.text and "learning_rate" not in summary
+
+
+class _Built(Exception):
+    """Raised by a stand-in Trainer with the student it was given."""
+
+
+def _initial_student(argv: list[str]) -> dict[str, torch.Tensor]:
+    def capture(*args, model, **kwargs):
+        raise _Built({name: value.clone() for name, value in model.state_dict().items()})
+
+    with mock.patch.object(train, "DistillationTrainer", capture), pytest.raises(_Built) as built:
+        train.run(argv)
+    return built.value.args[0]
+
+
+def test_a_new_students_initial_weights_follow_the_seed(coco_dir, tmp_path):
+    argv = base_args(coco_dir, tmp_path, "--kd_method", "none", "--eval_split", "", "--student_fpn_channels", "32")
+    argv += ["--student_head_channels", "32"]
+    torch.manual_seed(1)
+    first = _initial_student(argv)
+    torch.rand(1000)  # whatever else ran in the process before
+    second = _initial_student(argv)
+    other_seed = _initial_student([*argv, "--seed", "1"])
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not torch.equal(first["head.gfl_cls.weight"], other_seed["head.gfl_cls.weight"])

@@ -28,7 +28,7 @@ import signal
 import sys
 
 import transformers
-from transformers import AutoModelForObjectDetection
+from transformers import AutoModelForObjectDetection, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -178,6 +178,7 @@ def run(argv: list[str]) -> dict[str, float]:
         data_args, training_args, model_args.hub_kwargs()
     )
     teacher = load_teacher(model_args, training_args, id2label)
+    set_seed(training_args.seed)  # a new student's initial weights follow --seed, whatever ran before in the process
     student = build_student(model_args, teacher, id2label)
 
     image_processor = FAMILIES[student.config.model_type][2](
