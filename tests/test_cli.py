@@ -160,7 +160,12 @@ def test_do_eval_evaluates_a_saved_detector_without_a_training_set(coco_dir, tea
     assert metrics["eval_map"] == pytest.approx(1.0) and metrics["eval_mar_100"] == pytest.approx(1.0)
     assert sorted(path.name for path in (tmp_path / "eval").iterdir()) == ["all_results.json", "eval_results.json"]
 
-    train.evaluate_main([*argv[:3], str(tmp_path / "eval_script"), *argv[4:]])  # hf-kd-eval: --do_eval implied
+    # hf-kd-eval: --do_eval implied, evaluation only even with training options (e.g. from a config file)
+    train.evaluate_main([*argv[:3], str(tmp_path / "eval_script"), *argv[4:], "--eval_strategy", "steps"])
+    assert sorted(path.name for path in (tmp_path / "eval_script").iterdir()) == [
+        "all_results.json",
+        "eval_results.json",
+    ]
     saved = json.loads((tmp_path / "eval_script" / "eval_results.json").read_text())
     assert saved["eval_map"] == metrics["eval_map"]
 

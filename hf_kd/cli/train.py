@@ -30,7 +30,7 @@ import sys
 import transformers
 from transformers import AutoModelForObjectDetection, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from ..data import DetectionCollator, DetectionTransform, configure_training_process_memory, get_id2label
 from ..distill import DetectionDistiller, DistillationArguments, DistillationTrainer, find_resumable_checkpoint
@@ -163,15 +163,15 @@ def load_teacher(model_args: ModelArguments, training_args: DistillationArgument
     return teacher
 
 
-def run(argv: list[str]) -> dict[str, float]:
+def run(argv: list[str], only_evaluate: bool = False) -> dict[str, float]:
     """Distils (or trains) a detector, evaluates it on `--eval_split` (and `--test_split`), saves it with its model
-    card (and pushes it); with `--do_eval` / `--do_predict` alone, evaluates the `--model_name_or_path` detector.
-    Returns the evaluation metrics."""
+    card (and pushes it); with `--do_eval` / `--do_predict` alone, or `only_evaluate`, evaluates the
+    `--model_name_or_path` detector. Returns the evaluation metrics."""
     model_args, data_args, training_args = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     log_arguments(model_args, data_args, training_args)
-    if evaluation_only(training_args):
+    if only_evaluate or evaluation_only(training_args):
         return evaluate(model_args, data_args, training_args)
 
     train_dataset, eval_dataset, id2label, ground_truth, test_split = load_data(
@@ -280,6 +280,7 @@ def evaluate(model_args: ModelArguments, data_args: DataArguments, training_args
     image_processor = FAMILIES[model.config.model_type][2](
         size={"shortest_edge": data_args.shortest_edge, "longest_edge": data_args.longest_edge}
     )
+    training_args.eval_strategy = IntervalStrategy.NO  # the splits are evaluated below, nothing is trained
     trainer = DistillationTrainer(
         model=DetectionDistiller(model),
         args=training_args,
@@ -309,8 +310,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def evaluate_main(argv: list[str] | None = None) -> None:
-    """`hf-kd-eval`: `run` with `--do_eval` (the COCO numbers of a saved detector on `--eval_split`)."""
-    run(["--do_eval", *(sys.argv[1:] if argv is None else argv)])
+    """`hf-kd-eval`: the COCO numbers of a saved detector on `--eval_split` (and with `--do_predict`, on
+    `--test_split`), whatever training options the arguments (e.g. a config file) hold."""
+    run([*(sys.argv[1:] if argv is None else argv), "--do_eval"], only_evaluate=True)
 
 
 if __name__ == "__main__":
