@@ -15,6 +15,7 @@ training steps) when matplotlib is installed; logs to TensorBoard when it is ins
     python benchmarks/accuracy.py --preset cpu-mini --output_dir outputs/accuracy   # 2-core CPU, about an hour
     python benchmarks/accuracy.py --preset gpu-full --output_dir outputs/accuracy   # one H100, under 9 minutes
     python benchmarks/accuracy.py --families retinanet atss --datasets bccd --methods crosskd  # other families
+    python benchmarks/accuracy.py --methods crosskd --teacher_dtype bf16  # the teacher's forward in bf16
 
 A finished run (teacher or student) already in `--output_dir` is reused.
 """
@@ -175,6 +176,11 @@ def backbone_arguments(backbone: str, width: int, weights: str | None) -> list[s
     return arguments
 
 
+def method_name(method: str, teacher_dtype: str | None) -> str:
+    """A method's name in the tables and its runs' folders: with a teacher precision, e.g. `crosskd+teacher_bf16`."""
+    return method if method == "none" or teacher_dtype is None else f"{method}+teacher_{teacher_dtype}"
+
+
 def run_folder(setup: Setup, family: str) -> str:
     """The folder of a dataset's and family's runs in the output folder (GFL's: the dataset's name)."""
     return setup.name if family == "gfl" else f"{setup.name}_{family}"
@@ -325,6 +331,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS, help="subset (with none)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="instead of the preset's seeds")
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time instead of the preset's")
+    parser.add_argument(
+        "--teacher_dtype",
+        choices=("bf16", "fp16", "fp32"),
+        help="the KD methods' teacher forward in this precision (run_distill's --teacher_dtype); their runs and rows "
+        "are named <method>+teacher_<dtype>, the baseline is the same",
+    )
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     setups = [setup for setup in preset.setups if not args.datasets or setup.name in args.datasets]
@@ -363,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
                 Run(teacher_dir, ["--kd_method", "none", "--student_architecture", family, *arguments])
             )
         for method, seed in itertools.product(methods, seeds):
-            run_dir = root / f"{method}_seed{seed}"
+            run_dir = root / f"{method_name(method, args.teacher_dtype)}_seed{seed}"
             if (run_dir / "all_results.json").is_file():
                 continue
             arguments = ["--student_architecture", family]
@@ -375,6 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
                 baselines.append(Run(run_dir, ["--kd_method", "none", *arguments]))
             else:
                 teacher = ["--teacher_model_name_or_path", str(teacher_dir)]
+                if args.teacher_dtype is not None:
+                    teacher += ["--teacher_dtype", args.teacher_dtype]
                 after = teacher_dir if train_teacher else None
                 students.append(Run(run_dir, ["--kd_method", method, *teacher, *arguments], after=after))
     launch(teacher_runs + baselines + students, jobs, start)
@@ -383,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, (_, _, root) in experiments.items():
         teachers[name] = read_run(root / "teacher")
         results[name] = {}
-        for method in methods:
+        for method in (method_name(method, args.teacher_dtype) for method in methods):
             runs = [read_run(root / f"{method}_seed{seed}") for seed in seeds]
             summary = {"val": summarize(runs, "val"), "test": summarize(runs, "test") if runs[0]["test"] else None}
             results[name][method] = {"runs": runs, "summary": summary}

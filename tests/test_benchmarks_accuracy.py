@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
 
 
@@ -38,3 +40,13 @@ def test_accuracy_benchmark_other_families(tmp_path):
     config = json.loads((tmp_path / "synthetic_retinanet" / "crosskd_seed0" / "config.json").read_text())
     assert config["model_type"] == "retinanet"
     assert "synthetic (retinanet)" in (tmp_path / "results.md").read_text()
+
+    # the teacher in bf16: new KD runs, the teacher and the baseline reused
+    results = accuracy.main([*argv, "--teacher_dtype", "bf16"])
+    assert set(results["synthetic (retinanet)"]) == {"none", "crosskd+teacher_bf16"}
+    run_dir = tmp_path / "synthetic_retinanet" / "crosskd+teacher_bf16_seed0"
+    assert torch.load(run_dir / "training_args.bin", weights_only=False).teacher_dtype == "bf16"
+    assert (
+        "This call" in (tmp_path / "results.md").read_text()
+        and "1 runs trained" in (tmp_path / "results.md").read_text()
+    )
