@@ -184,8 +184,9 @@ def test_workers_configure_their_memory_when_asked_and_the_main_process_is_left_
     # asked for, the objects inherited from this process are frozen: a worker's full collections never copy their pages
     in_workers = probe(num_workers=2, configure_workers=True)
     assert in_workers and all(configured and frozen > 10_000 for configured, frozen in in_workers)
-    assert set(probe(num_workers=0, configure_workers=True)) == {(False, frozen_before)}
-    assert not collator_module._worker_memory_configured and gc.get_freeze_count() == frozen_before
+    # in the main process nothing is frozen (the count may only drop, as frozen objects an earlier test left are freed)
+    assert all(not configured and frozen <= frozen_before for configured, frozen in probe(0, configure_workers=True))
+    assert not collator_module._worker_memory_configured and gc.get_freeze_count() <= frozen_before
 
 
 _TRAINING_PROCESS_PROBE = """
