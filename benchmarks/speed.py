@@ -16,7 +16,7 @@ Settings: `fp32`; `bf16+channels_last` (the Trainer's --bf16 autocast for studen
 channels-last); `fp32+teacher_bf16` (the student in fp32, the teacher in bf16 and channels-last: `--teacher_dtype
 bf16`).
 
-    python benchmarks/speed.py                          # GFL, the three settings; 2 x 3x320x320 train, 1 x 640 inference
+    python benchmarks/speed.py                          # GFL, three settings; 2 x 3x320x320 train, 1 x 640 inference
     python benchmarks/speed.py --families gfl retinanet fcos atss --settings fp32 --json outputs/speed_families.json
     python benchmarks/speed.py --device cuda --settings bf16+channels_last --compile --json outputs/speed_gpu.json
 

@@ -1,5 +1,5 @@
-"""ATSS parity with MMDetection 3.3.0 and the official CrossKD code: ../shared/golden/atss (see ../shared/golden/README.md,
-"RetinaNet, FCOS and ATSS").
+"""ATSS parity with MMDetection 3.3.0 and the official CrossKD code: ../shared/golden/atss (see
+../shared/golden/README.md, "RetinaNet, FCOS and ATSS").
 
 The student (a standard ResNet-18 ATSS; its backbone is the GFL golden student's) is checked from the input pixels:
 backbone and FPN features, head outputs, priors and valid flags, ATSS assignment, targets, losses of the three

@@ -340,7 +340,7 @@ def test_trainer_evaluation_counts_and_reports_non_finite_detections(caplog):
     }
 
 
-# --- 13: a prepared folder never loses a file hf_kd did not write ---------------------------------------------------------
+# --- 13: a prepared folder never loses a file hf_kd did not write ----------------------------------------------------
 
 
 def test_prepared_dir_refuses_a_folder_of_other_files_and_keeps_the_users_files(tmp_path):

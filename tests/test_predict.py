@@ -1,5 +1,5 @@
-"""hf-kd-predict (`hf_kd.cli.predict`, `examples/predict.py`): PNG and JSON per image, EXIF orientation, folders, unreadable files, same-stem inputs and
-readable labels."""
+"""hf-kd-predict (`hf_kd.cli.predict`, `examples/predict.py`): PNG and JSON per image, EXIF orientation, folders,
+unreadable files, same-stem inputs and readable labels."""
 
 import json
 import os

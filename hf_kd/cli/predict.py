@@ -125,8 +125,9 @@ def place_tags(
 
 def draw_detections(image: Image.Image, records: list[dict]) -> Image.Image:
     """A copy of `image` with a box and a "label score" tag per detection (as given by `detections_to_records`, best
-    first; a record with score None, e.g. the ground truth, gets its label alone). Font, line width and padding scale with sqrt(width * height); boxes are drawn best last (on top) and the
-    tags after all boxes, placed by `place_tags` so that a better detection's tag is never covered."""
+    first; a record with score None, e.g. the ground truth, gets its label alone). Font, line width and padding scale
+    with sqrt(width * height); boxes are drawn best last (on top) and the tags after all boxes, placed by
+    `place_tags` so that a better detection's tag is never covered."""
     canvas = image.copy()
     draw = ImageDraw.Draw(canvas)
     font_size = max(MIN_FONT_SIZE, round(FONT_SCALE * math.sqrt(image.width * image.height)))

@@ -9,8 +9,8 @@ Distill a ResNet-18 student from a teacher on a local COCO folder, on every GPU,
         --output_dir outputs/crosskd_r18 --max_steps 90000 --per_device_train_batch_size 2 --paper_recipe \
         --bf16 --eval_strategy steps --eval_steps 10000 --save_steps 10000
 
-The student is of the teacher's family (`--student_architecture` chooses it for a new student without a teacher). Train a
-teacher or a baseline: `--kd_method none` (no teacher). A dataset on the Hub in the `objects` layout:
+The student is of the teacher's family (`--student_architecture` chooses it for a new student without a teacher).
+Train a teacher or a baseline: `--kd_method none` (no teacher). A dataset on the Hub in the `objects` layout:
 `--dataset_name NAME` (streamed). All arguments can also come from a JSON file, followed by options that override it:
 `hf-kd-train configs/crosskd_gfl_r101_r50_coco.json --data_dir /data/coco`. Evaluate a saved detector alone:
 `hf-kd-train --do_eval --model_name_or_path CKPT --data_dir ... --eval_split val` (or `hf-kd-eval ...`).
