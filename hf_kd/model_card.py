@@ -83,19 +83,24 @@ def usage_lines(repo: str) -> list[str]:
     ]
 
 
-def build_conversion_card(config, repo: str, checkpoint_name: str, versions: dict[str, str]) -> ModelCard:
-    """The card of a detector converted from the MMDetection checkpoint file `checkpoint_name`, with the library
-    `versions` its metadata records."""
+def detector_card(config, repo: str, lines: list[str], tags: list[str] | None = None, **metadata: Any) -> ModelCard:
+    """A card titled `repo` with the text `lines`, whose metadata say what the detector of `config` is (an
+    object-detection model of transformers, its family and hf_kd in the tags) plus `metadata`."""
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="object-detection",
-        tags=sorted({"hf_kd", "object-detection", "mmdetection", config.model_type}),
+        tags=sorted(set(tags or []) | {"hf_kd", "object-detection", config.model_type}),
         model_name=repo,
+        **metadata,
     )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {repo}\n\n" + "\n".join(lines) + "\n")
+
+
+def build_conversion_card(config, repo: str, checkpoint_name: str, versions: dict[str, str]) -> ModelCard:
+    """The card of a detector converted from the MMDetection checkpoint file `checkpoint_name`, with the library
+    `versions` its metadata records."""
     source = ", ".join(f"{name} {version}" for name, version in sorted(versions.items()))
     lines = [
-        f"# {repo}",
-        "",
         f"An object detector: {describe_detector(config)}. Converted with [hf_kd](https://github.com/hf-kd/hf_kd) "
         f"from the MMDetection checkpoint `{checkpoint_name}`{f' ({source})' if source else ''}: the same weights, "
         "and the same outputs as MMDetection 3.3 (hf_kd's parity tests). The weights' licence is the source "
@@ -103,7 +108,7 @@ def build_conversion_card(config, repo: str, checkpoint_name: str, versions: dic
         "",
         *usage_lines(repo),
     ]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    return detector_card(config, repo, lines, tags=["mmdetection"])
 
 
 def build_model_card(
@@ -129,15 +134,6 @@ def build_model_card(
         for name in COCO_STAT_NAMES
         if evaluations
     ]
-    data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="object-detection",
-        tags=sorted(set(tags or []) | {"hf_kd", "object-detection", student.config.model_type}),
-        datasets=[dataset_id] if dataset_id else None,
-        base_model=origin,
-        model_name=repo,
-        eval_results=eval_results or None,
-    )
     if teacher is None:
         method = "Trained without a teacher (`kd_method=none`)."
     else:
@@ -149,8 +145,6 @@ def build_model_card(
         )
     start = f"fine-tuned from [`{origin}`](https://huggingface.co/{origin})" if origin else "trained from scratch"
     lines = [
-        f"# {repo}",
-        "",
         f"An object detector: {describe_detector(student.config)}; {start} on {dataset_name} with "
         "[hf_kd](https://github.com/hf-kd/hf_kd).",
         "",
@@ -166,7 +160,15 @@ def build_model_card(
         latest = evaluations[-1]
         lines += ["", f"## Evaluation (COCO box metrics at step {latest['step']})", "", "| metric | value |"]
         lines += ["| --- | --- |", *(f"| {name} | {latest[f'eval_{name}']:.4f} |" for name in COCO_STAT_NAMES)]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    return detector_card(
+        student.config,
+        repo,
+        lines,
+        tags=tags,
+        datasets=[dataset_id] if dataset_id else None,
+        base_model=origin,
+        eval_results=eval_results or None,
+    )
 
 
 def card_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
