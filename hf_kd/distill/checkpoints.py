@@ -27,10 +27,10 @@ def find_resumable_checkpoint(output_dir: str | os.PathLike) -> str | None:
     folders = sorted((f for f in folders if f.split("-")[-1].isdigit()), key=lambda f: int(f.split("-")[-1]))
     for folder in reversed(folders):
         path = os.path.join(output_dir, folder)
-        if checkpoint_problem(path) is None:
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
-        logger.warning("%s is incomplete (%s; a run stopped while saving it?): not resuming from it", path,
-                       checkpoint_problem(path))  # fmt: skip
+        logger.warning("%s is incomplete (%s; a run stopped while saving it?): not resuming from it", path, problem)
     return None
 
 
