@@ -5,7 +5,8 @@ On BCCD (blood cells, 3 classes; train / val / test) and the synthetic dataset (
 (`--families`: GFL by default; RetinaNet, FCOS, ATSS) until its val AP plateaus. The student of that family
 (EfficientNet-Lite0, narrower) is then trained with each method (`none`, `crosskd`, `crosskd+pkd`, `bckd`) and seed
 under two budgets, each a full cosine schedule of its own length: `short` (how much a teacher speeds learning up) and
-`converged` (long enough that the student alone's val AP is flat over its last quarter). Every run is an
+`converged` (meant to be long enough that the student alone's val AP is flat over its last quarter; the
+results say whether it was). Every run is an
 `examples/run_distill.py` process, as a user's would be; `--jobs` of them run at a time.
 
 Prints and writes (`--output_dir`): `results.md` (per dataset: the teacher's and the converged baseline's AP and
