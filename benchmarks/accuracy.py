@@ -2,12 +2,12 @@
 
 On BCCD (blood cells, 3 classes; train / val / test) and the synthetic dataset (`hf_kd.data.synthetic`), a teacher
 (ImageNet EfficientNet-Lite2 backbone, wider FPN/head, fewer frozen stages) is trained once per detector family
-(`--families`: GFL by default; RetinaNet, FCOS, ATSS) until its val AP plateaus. The student of that family
-(EfficientNet-Lite0, narrower) is then trained with each method (`none`, `crosskd`, `crosskd+pkd`, `bckd`) and seed
-under two budgets, each a full cosine schedule of its own length: `short` (how much a teacher speeds learning up) and
-`converged` (meant to be long enough that the student alone's val AP is flat over its last quarter; the
-results say whether it was). Every run is an
-`examples/run_distill.py` process, as a user's would be; `--jobs` of them run at a time.
+(`--families`: GFL by default; RetinaNet, FCOS, ATSS), evaluated along the way to show its plateau. The student of that
+family (EfficientNet-Lite0, narrower) is then trained with each method (`none`, `crosskd`, `crosskd+pkd`, `bckd`) and
+seed under two budgets, each a full cosine schedule of its own length: `short` (how much a teacher speeds learning up)
+and `converged` (meant to be long enough that the student alone's val AP is flat over its last quarter; the results
+say whether it was). Every run is an `examples/run_distill.py` process, as a user's would be; `--jobs` of them run at
+a time.
 
 Prints and writes (`--output_dir`): `results.md` (per dataset: the teacher's and the converged baseline's AP and
 whether each plateaued, a table per budget with val and test AP, the gain over `none` and, for the short budget, the
