@@ -84,6 +84,9 @@ class Setup:
     batch_size: int
     learning_rate: float
 
+    def budget(self, name: str) -> Budget:
+        return next(budget for budget in self.budgets if budget.name == name)
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -205,6 +208,10 @@ def run_folder(setup: Setup, family: str) -> str:
     return setup.name if family == "gfl" else f"{setup.name}_{family}"
 
 
+def teacher_folder(setup: Setup) -> str:
+    return f"teacher_{setup.teacher_steps}steps"
+
+
 def student_folder(method: str, budget: Budget, seed: int) -> str:
     return f"{method}_{budget.steps}steps_seed{seed}"
 
@@ -291,7 +298,6 @@ def markdown(setups: dict, results: dict, teachers: dict, analyses: dict, preset
     lines = [f"# Accuracy ({preset_name}, {device})", ""]
     for name, budgets in results.items():
         setup, teacher, analysis = setups[name], teachers[name], analyses[name]
-        by_name = {budget.name: budget for budget in setup.budgets}
         num_seeds = len(budgets["converged"]["none"]["runs"])
         splits = [split for split in ("val", "test") if teacher[split] is not None]
         teacher_aps = " / ".join(f"{100 * teacher[split]['map']:.1f}" for split in splits)
@@ -303,7 +309,7 @@ def markdown(setups: dict, results: dict, teachers: dict, analyses: dict, preset
             f"stages, {setup.teacher_steps} steps): AP {'/'.join(splits)} {teacher_aps}; val "
             + plateau_words(analysis["teacher_last_quarter_gain"]),
             f"- Student alone ({setup.student.backbone}, {setup.student.width} wide, {setup.student.frozen_stages} "
-            f"frozen stages), {by_name['converged'].steps} steps: AP {'/'.join(splits)} "
+            f"frozen stages), {setup.budget('converged').steps} steps: AP {'/'.join(splits)} "
             + " / ".join(ap_cell(*baseline[split]["map"]) for split in splits)
             + "; mean val "
             + plateau_words(analysis["baseline_last_quarter_gain"]),
@@ -317,12 +323,12 @@ def markdown(setups: dict, results: dict, teachers: dict, analyses: dict, preset
             else "At the long budget (the student alone has NOT plateaued)"
         )
         for budget_name, title in (("converged", converged_title), ("short", "At a fixed small budget")):
-            budget = by_name[budget_name]
+            budget = setup.budget(budget_name)
             reach = budget_name == "short"
             header = "| method | " + " | ".join(f"{split} AP | {split} ΔAP vs none" for split in splits)
             lines += [f"### {title}: {budget.steps} student steps", ""]
             if reach:
-                header += f" | first step of the {by_name['converged'].steps}-step schedule at the converged baseline's val AP"
+                header += f" | first step of the {setup.budget('converged').steps}-step schedule at the converged baseline's val AP"
             lines += [header + " |", "| --- |" + " ---: |" * (2 * len(splits) + reach)]
             for method, entry in budgets[budget_name].items():
                 summary, baseline_summary = entry["summary"], budgets[budget_name]["none"]["summary"]
@@ -338,7 +344,10 @@ def markdown(setups: dict, results: dict, teachers: dict, analyses: dict, preset
             lines.append("")
         for budget_name, methods in budgets.items():
             for split in splits:
-                lines += [f"#### All COCO numbers: {budget_name} ({by_name[budget_name].steps} steps), {split}", ""]
+                lines += [
+                    f"#### All COCO numbers: {budget_name} ({setup.budget(budget_name).steps} steps), {split}",
+                    "",
+                ]
                 lines += [
                     "| method | " + " | ".join(COCO_STAT_NAMES) + " |",
                     "| --- |" + " ---: |" * len(COCO_STAT_NAMES),
@@ -364,7 +373,7 @@ def plot(setups: dict, results: dict, teachers: dict, analyses: dict, path: Path
     figure, axes = plt.subplots(len(results), 2, figsize=(13, 4.5 * len(results)), squeeze=False)
     for row, (name, budgets) in enumerate(results.items()):
         students, teacher_axis = axes[row]
-        short = next(budget for budget in setups[name].budgets if budget.name == "short")
+        short = setups[name].budget("short")
         for index, (method, curve) in enumerate(analyses[name]["converged_curves"].items()):
             color = f"C{index}"
             steps, means, stds = (list(values) for values in zip(*curve))
@@ -488,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     teacher_runs, baselines, students = [], [], []
     for setup, family, root in experiments.values():
-        teacher_dir = root / f"teacher_{setup.teacher_steps}steps"
+        teacher_dir = root / teacher_folder(setup)
         arguments = ["--kd_method", "none", "--student_architecture", family, *detector_arguments(setup.teacher)]
         arguments += run_arguments(
             setup, data_dirs[setup.name], teacher_dir, setup.teacher_steps, setup.teacher_eval_every, 0, preset
@@ -512,12 +521,12 @@ def main(argv: list[str] | None = None) -> dict:
                 run = Run(run_dir, arguments, budget.steps, after=teacher_dir if train_teacher else None)
             if not run.finished():
                 (baselines if method == "none" else students).append(run)
-    longest_first = lambda runs: sorted(runs, key=lambda run: -run.steps)  # noqa: E731
-    launch(teacher_runs + longest_first(baselines) + longest_first(students), jobs, start)
+    longest_first = sorted(baselines, key=lambda run: -run.steps) + sorted(students, key=lambda run: -run.steps)
+    launch(teacher_runs + longest_first, jobs, start)
 
     results, teachers, analyses = {}, {}, {}
     for name, (setup, _, root) in experiments.items():
-        teachers[name] = read_run(root / f"teacher_{setup.teacher_steps}steps")
+        teachers[name] = read_run(root / teacher_folder(setup))
         results[name] = {}
         for budget in setup.budgets:
             results[name][budget.name] = {}
